@@ -1,0 +1,94 @@
+"""Typed errors. Every failure a user can cause maps to one class here, so callers can catch
+precisely and messages can name the offending file, id or dimension."""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class InvalidInputError(RetrievalError, ValueError):
+    """Input that cannot be processed as given (bad type, wrong shape, malformed record)."""
+
+
+class EmptyQueryError(InvalidInputError):
+    """A query that is empty or only whitespace."""
+
+
+class EmptyCorpusError(InvalidInputError):
+    """Indexing nothing, or searching a retriever that holds no chunks."""
+
+
+class DuplicateIdError(InvalidInputError):
+    """A document or chunk id that already exists (in the batch or in the store)."""
+
+    def __init__(self, ids: list[str], where: str = "store") -> None:
+        self.ids = list(ids)
+        shown = ", ".join(repr(i) for i in self.ids[:5])
+        more = f" (+{len(self.ids) - 5} more)" if len(self.ids) > 5 else ""
+        super().__init__(
+            f"duplicate id(s) already in the {where}: {shown}{more}; "
+            "pass on_duplicate='skip' to ignore them or delete them first"
+        )
+
+
+class DimensionMismatchError(InvalidInputError):
+    """A tensor whose shape or dtype does not match the store's tensor spec."""
+
+
+class InvalidFilterError(InvalidInputError):
+    """A metadata filter that cannot be compiled."""
+
+
+class UnknownIdError(InvalidInputError, KeyError):
+    """An id that is not in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown id"
+
+
+class StoreError(RetrievalError):
+    """Base class of on-disk store problems."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """The path holds no store (no manifest.json)."""
+
+
+class StoreCorruptedError(StoreError):
+    """A store file is truncated, fails its checksum, or cannot be parsed. Names the file."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"store file {self.path} is corrupted: {reason}")
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer format version than this library reads."""
+
+
+class ModelMismatchError(StoreError):
+    """The store (or a trained head) was made by a different model than the one given."""
+
+    def __init__(self, path: object, expected: str, found: str) -> None:
+        self.path = str(path)
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"{self.path} was made by model fingerprint {found[:16]}…, but the model in use has "
+            f"fingerprint {expected[:16]}…; load the model that built it or rebuild the index"
+        )
+
+
+class ModelLoadError(RetrievalError, OSError):
+    """A model could not be loaded (offline hub, missing files, unsupported architecture)."""
+
+
+class UnsupportedArchitectureError(ModelLoadError, ValueError):
+    """The model's architecture has no adapter for this retriever."""
+
+
+class NotTrainedError(RetrievalError, RuntimeError):
+    """A retriever that needs training was queried before `fit`."""
