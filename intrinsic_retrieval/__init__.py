@@ -1,0 +1,92 @@
+"""intrinsic-retrieval: retrievers that live inside the model, behind one protocol and one store.
+
+Heavy retriever classes are imported lazily: ``from intrinsic_retrieval import DenseRetriever``
+loads the model stack only when asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    DimensionMismatchError,
+    DuplicateIdError,
+    EmptyCorpusError,
+    EmptyQueryError,
+    InvalidFilterError,
+    InvalidInputError,
+    ModelLoadError,
+    ModelMismatchError,
+    NotTrainedError,
+    RetrievalError,
+    StoreCorruptedError,
+    StoreError,
+    StoreNotFoundError,
+    StoreVersionError,
+    UnknownIdError,
+    UnsupportedArchitectureError,
+)
+from .protocol import Filter, Retriever
+from .retrievers import available, create_retriever, load_retriever
+from .types import Chunk, Document, Hit
+
+if TYPE_CHECKING:
+    from .chunking import Chunker
+    from .retrievers.base import StoreRetriever
+    from .retrievers.bm25 import BM25Retriever
+    from .retrievers.dense import DenseRetriever
+    from .store import EncodedChunkStore, TensorSpec
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BM25Retriever": ".retrievers.bm25",
+    "DenseRetriever": ".retrievers.dense",
+    "StoreRetriever": ".retrievers.base",
+    "EncodedChunkStore": ".store",
+    "TensorSpec": ".store",
+    "Chunker": ".chunking",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'intrinsic_retrieval' has no attribute {name!r}")
+
+
+__all__ = [
+    "BM25Retriever",
+    "Chunk",
+    "Chunker",
+    "DenseRetriever",
+    "DimensionMismatchError",
+    "Document",
+    "DuplicateIdError",
+    "EmptyCorpusError",
+    "EmptyQueryError",
+    "EncodedChunkStore",
+    "Filter",
+    "Hit",
+    "InvalidFilterError",
+    "InvalidInputError",
+    "ModelLoadError",
+    "ModelMismatchError",
+    "NotTrainedError",
+    "RetrievalError",
+    "Retriever",
+    "StoreCorruptedError",
+    "StoreError",
+    "StoreNotFoundError",
+    "StoreRetriever",
+    "StoreVersionError",
+    "TensorSpec",
+    "UnknownIdError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "available",
+    "create_retriever",
+    "load_retriever",
+]

@@ -1,0 +1,93 @@
+"""Token-aware chunking with overlap.
+
+Chunks are cut on the retriever's own token boundaries (from the tokenizer's offset mapping), so a
+chunk never exceeds what the model reads and the text of a chunk is an exact slice of its document.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DuplicateIdError, InvalidInputError
+from .types import Chunk, Document
+
+#: A function returning the (start, end) character span of every token of a text.
+Spanner = Callable[[str], list[tuple[int, int]]]
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Words and punctuation: the spanner for lexical retrievers without a subword tokenizer."""
+    return [m.span() for m in _WORD.finditer(text)]
+
+
+def tokenizer_spans(tokenizer: Any) -> Spanner:
+    """Spanner from a Hugging Face *fast* tokenizer (special tokens excluded)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InvalidInputError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; token-aware chunking needs "
+            "offset mappings (load the tokenizer with use_fast=True)"
+        )
+
+    def spans(text: str) -> list[tuple[int, int]]:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [(int(s), int(e)) for s, e in enc["offset_mapping"] if e > s]
+
+    return spans
+
+
+@dataclass(frozen=True)
+class Chunker:
+    """Split documents into windows of at most `chunk_size` tokens overlapping by `overlap`.
+
+    `chunk_size=None` keeps each document whole (the model truncates). Chunk ids are
+    ``"{document_id}#{i}"``; each chunk carries its document's metadata.
+    """
+
+    spanner: Spanner = word_spans
+    chunk_size: int | None = 256
+    overlap: int = 32
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise InvalidInputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.overlap < 0 or (self.chunk_size is not None and self.overlap >= self.chunk_size):
+            raise InvalidInputError(
+                f"overlap must be in [0, chunk_size), got {self.overlap} with {self.chunk_size}"
+            )
+
+    def split(self, doc: Document) -> list[Chunk]:
+        assert doc.id is not None
+        meta = dict(doc.metadata)
+        text = doc.text
+        spans = self.spanner(text) if self.chunk_size is not None else []
+        if self.chunk_size is None or len(spans) <= self.chunk_size:
+            return [Chunk(f"{doc.id}#0", doc.id, text, meta, 0, len(text))]
+        step = self.chunk_size - self.overlap
+        chunks = []
+        for i, first in enumerate(range(0, len(spans), step)):
+            window = spans[first : first + self.chunk_size]
+            start, end = window[0][0], window[-1][1]
+            chunks.append(Chunk(f"{doc.id}#{i}", doc.id, text[start:end], meta, start, end))
+            if first + self.chunk_size >= len(spans):
+                break
+        return chunks
+
+    def split_all(self, docs: Sequence[Document]) -> list[Chunk]:
+        check_unique_ids(d.id for d in docs)
+        return [c for d in docs for c in self.split(d)]
+
+
+def check_unique_ids(ids: Iterable[str | None]) -> None:
+    seen: set[str | None] = set()
+    dups: list[str] = []
+    for i in ids:
+        if i in seen:
+            dups.append(str(i))
+        seen.add(i)
+    if dups:
+        raise DuplicateIdError(dups, where="batch")

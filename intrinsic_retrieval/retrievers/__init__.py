@@ -1,0 +1,47 @@
+"""Retriever implementations and the registry that maps names (CLI, manifests) to classes.
+
+Classes are imported lazily so that `import intrinsic_retrieval` does not load every model stack.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .base import StoreRetriever
+
+#: registry name -> "module:Class" (relative to this package)
+REGISTRY: dict[str, str] = {
+    "bm25": ".bm25:BM25Retriever",
+    "dense": ".dense:DenseRetriever",
+}
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def retriever_class(name: str) -> type[StoreRetriever]:
+    if name not in REGISTRY:
+        raise InvalidInputError(f"unknown retriever {name!r}; available: {', '.join(available())}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(import_module(module, __name__), cls)
+
+
+def create_retriever(name: str, **kwargs: Any) -> StoreRetriever:
+    """Build a retriever by registry name, e.g. ``create_retriever("dense", path="idx")``."""
+    return retriever_class(name)(**kwargs)
+
+
+def load_retriever(path: str | PathLike[str], **overrides: Any) -> StoreRetriever:
+    """Reopen any saved index; the manifest says which retriever made it."""
+    from .base import StoreRetriever
+
+    return StoreRetriever.load(path, **overrides)
+
+
+__all__ = ["REGISTRY", "available", "create_retriever", "load_retriever", "retriever_class"]

@@ -1,0 +1,312 @@
+"""`StoreRetriever`: the protocol's plumbing, shared by every retriever in the library.
+
+A subclass supplies a model-specific core — what to store per chunk (`_specs`, `_encode_chunks`),
+how to score (`_score`), and how to rebuild in-memory indexes from the store (`_on_open`). The base
+class owns everything users touch: document normalisation, chunking, duplicate handling, batched and
+resumable indexing, filters as candidate masks, hits, persistence and reloading.
+"""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import torch
+from tqdm.auto import tqdm
+
+from ..chunking import Chunker, Spanner, check_unique_ids
+from ..errors import (
+    DuplicateIdError,
+    EmptyCorpusError,
+    EmptyQueryError,
+    InvalidInputError,
+    StoreError,
+)
+from ..protocol import Filter
+from ..store import EncodedChunkStore, TensorSpec
+from ..types import Chunk, Document, DocumentLike, Hit, as_documents
+
+#: Rows and scores for one query, best first.
+Ranked = tuple[torch.Tensor, torch.Tensor]
+
+
+def _tempdir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="intrinsic-retrieval-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+class StoreRetriever(abc.ABC):
+    """Base class of every retriever: implements `intrinsic_retrieval.Retriever` on an
+    `EncodedChunkStore`.
+
+    Subclasses set their model up, then call ``super().__init__(...)``. Constructor arguments
+    that rebuild the retriever must be returned by `_init_args` (JSON-serialisable); they are
+    recorded in the store manifest so `load(path)` can reconstruct the retriever.
+    """
+
+    #: registry name, also recorded in the manifest
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        path: str | PathLike[str] | None = None,
+        chunk_size: int | None = 256,
+        chunk_overlap: int = 32,
+        index_batch_size: int = 512,
+        show_progress: bool = True,
+    ) -> None:
+        self.chunk_size = chunk_size
+        self.chunk_overlap = chunk_overlap
+        self.index_batch_size = int(index_batch_size)
+        self.show_progress = show_progress
+        #: Serialises model use; integrations take it around calls from worker threads.
+        self.lock = threading.RLock()
+        self.chunker = Chunker(self._spanner(), chunk_size, chunk_overlap)
+        root = Path(path) if path is not None else _tempdir() / "store"
+        self._store = self._open_or_create(root)
+        self._on_open()
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abc.abstractmethod
+    def _specs(self) -> dict[str, TensorSpec]:
+        """Per-row tensors this retriever stores."""
+
+    @abc.abstractmethod
+    def _fingerprint(self) -> str:
+        """Fingerprint of everything that determines the stored tensors (model, tokenizer, ...)."""
+
+    @abc.abstractmethod
+    def _init_args(self) -> dict[str, Any]:
+        """JSON-serialisable constructor kwargs that rebuild this retriever (path excluded)."""
+
+    @abc.abstractmethod
+    def _encode_chunks(self, chunks: Sequence[Chunk]) -> dict[str, Any]:
+        """Tensors for new chunks, keyed like `_specs`."""
+
+    @abc.abstractmethod
+    def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
+        """Top-`k` rows among `candidates` (bool mask over store rows) for each query, best
+        first. Rows outside `candidates` must never be returned."""
+
+    def _spanner(self) -> Spanner:
+        """Token boundaries for chunking; neural retrievers return their tokenizer's spans."""
+        from ..chunking import word_spans
+
+        return word_spans
+
+    def _on_open(self) -> None:
+        """Rebuild in-memory indexes from the store (called at open and after compaction)."""
+        return None
+
+    def _on_rows_added(self, rows: range, tensors: Mapping[str, Any]) -> None:
+        """Update in-memory indexes after an append."""
+        return None
+
+    def _on_rows_deleted(self, rows: Sequence[int]) -> None:
+        """Update in-memory indexes after tombstoning."""
+        return None
+
+    def _before_save(self) -> None:
+        """Persist in-memory state (e.g. trained heads) into the store before it is copied."""
+        return None
+
+    # ------------------------------------------------------------------ store handling
+    def _manifest_config(self) -> dict[str, Any]:
+        return {"retriever": self.name, "init": self.init_args()}
+
+    def init_args(self) -> dict[str, Any]:
+        """Constructor kwargs recorded in the manifest (common chunking ones included)."""
+        return {
+            **self._init_args(),
+            "chunk_size": self.chunk_size,
+            "chunk_overlap": self.chunk_overlap,
+            "index_batch_size": self.index_batch_size,
+        }
+
+    def _open_or_create(self, root: Path) -> EncodedChunkStore:
+        fp = self._fingerprint()
+        if (root / "manifest.json").exists():
+            store = EncodedChunkStore.open(root, fingerprint=fp)
+            got = store.config.get("retriever")
+            if got != self.name:
+                raise StoreError(f"store {root} was built by retriever {got!r}, not {self.name!r}")
+            return store
+        return EncodedChunkStore.create(
+            root, fingerprint=fp, specs=self._specs(), config=self._manifest_config()
+        )
+
+    @property
+    def store(self) -> EncodedChunkStore:
+        return self._store
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(chunks={len(self)}, path={str(self.path)!r})"
+
+    # ------------------------------------------------------------------ indexing
+    def add(
+        self,
+        documents: Iterable[DocumentLike],
+        *,
+        on_duplicate: str = "error",
+    ) -> list[str]:
+        """Chunk, encode and store documents; returns the ids of the documents added.
+
+        Work is committed in batches of whole documents, so an interrupted `add` keeps what it
+        finished: calling it again with ``on_duplicate="skip"`` resumes where it stopped.
+        """
+        if on_duplicate not in ("error", "skip"):
+            raise InvalidInputError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+        docs = as_documents(documents)
+        if not docs:
+            raise EmptyCorpusError("no documents to add")
+        check_unique_ids(d.id for d in docs)
+        for d in docs:
+            if not d.text.strip():
+                raise InvalidInputError(f"document {d.id!r} has empty text")
+        existing = self._store.existing_document_ids(d.id for d in docs if d.id is not None)
+        if existing and on_duplicate == "error":
+            raise DuplicateIdError(sorted(existing))
+        docs = [d for d in docs if d.id not in existing]
+        if not docs:
+            return []
+        with self.lock:
+            self._index(docs)
+        return [str(d.id) for d in docs]
+
+    def _batches(self, docs: Sequence[Document]) -> Iterator[list[Chunk]]:
+        batch: list[Chunk] = []
+        for doc in docs:
+            batch.extend(self.chunker.split(doc))
+            if len(batch) >= self.index_batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _index(self, docs: Sequence[Document]) -> None:
+        bar = tqdm(
+            total=len(docs),
+            desc=f"indexing ({self.name})",
+            unit="doc",
+            disable=not self.show_progress,
+        )
+        with bar:
+            for chunks in self._batches(docs):
+                tensors = self._encode_chunks(chunks)
+                rows = self._store.append(chunks, tensors)
+                self._on_rows_added(rows, tensors)
+                bar.update(len({c.document_id for c in chunks}))
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Tombstone documents (document id) or single chunks (chunk id); returns chunks removed."""
+        if isinstance(ids, str):
+            ids = [ids]
+        with self.lock:
+            rows = self._store.delete(ids)
+            if rows:
+                self._on_rows_deleted(rows)
+        return len(rows)
+
+    def compact(self) -> None:
+        """Drop tombstoned rows from disk and rebuild in-memory indexes."""
+        with self.lock:
+            self._store.compact()
+            self._on_open()
+
+    # ------------------------------------------------------------------ search
+    def _check_query(self, query: Any) -> str:
+        if not isinstance(query, str):
+            raise InvalidInputError(f"query must be str, got {type(query).__name__}")
+        if not query.strip():
+            raise EmptyQueryError("query is empty")
+        return query
+
+    def _warn_truncated(self, what: str, n_tokens: int, limit: int) -> None:
+        warnings.warn(
+            f"{what} has {n_tokens} tokens; truncated to the model limit of {limit}",
+            stacklevel=3,
+        )
+
+    def search(self, query: str, k: int = 10, filter: Filter | None = None) -> list[Hit]:
+        return self.search_batch([query], k=k, filter=filter)[0]
+
+    def search_batch(
+        self, queries: Sequence[str], k: int = 10, filter: Filter | None = None
+    ) -> list[list[Hit]]:
+        if isinstance(queries, str):
+            raise InvalidInputError("search_batch takes a list of queries; use search() for one")
+        queries = [self._check_query(q) for q in queries]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InvalidInputError(f"k must be a positive int, got {k!r}")
+        if not queries:
+            return []
+        candidates = self._store.candidate_mask(filter)
+        n = int(candidates.sum())
+        if n == 0:
+            return [[] for _ in queries]
+        with self.lock:
+            ranked = self._score(queries, candidates, min(k, n))
+        return [self._hits(rows, scores, candidates) for rows, scores in ranked]
+
+    def _hits(
+        self, rows: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor
+    ) -> list[Hit]:
+        rows_l = [int(r) for r in rows.tolist()]
+        if any(not bool(candidates[r]) for r in rows_l):  # a scorer bug must never leak rows
+            raise RuntimeError(f"{type(self).__name__}._score returned a non-candidate row")
+        chunks = self._store.get(rows_l)
+        return [
+            Hit(
+                chunk_id=c.id,
+                document_id=c.document_id,
+                text=c.text,
+                score=float(s),
+                rank=i + 1,
+                metadata=dict(c.metadata),
+            )
+            for i, (c, s) in enumerate(zip(chunks, scores.tolist(), strict=True))
+        ]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | PathLike[str]) -> None:
+        """Write a complete copy of the index to `path` (atomically replaced if it exists)."""
+        with self.lock:
+            self._before_save()
+            self._store.copy_to(path)
+
+    @classmethod
+    def load(cls, path: str | PathLike[str], **overrides: Any) -> Self:
+        """Reopen a saved index in place. `overrides` replace recorded constructor args
+        (e.g. ``device="cuda"`` or a local model path); the model fingerprint must still match."""
+        manifest = EncodedChunkStore.read_manifest(path)
+        config = manifest.get("config", {})
+        name = config.get("retriever")
+        target: type[StoreRetriever] = cls
+        if cls is StoreRetriever or name != cls.name:
+            from . import retriever_class
+
+            target = retriever_class(name)
+            if not issubclass(target, cls):
+                raise StoreError(f"store at {path} holds a {name!r} index, not {cls.name!r}")
+        kwargs = {**config.get("init", {}), **overrides, "path": path}
+        return target(**kwargs)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._store.close()
