@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    ConcurrentWriteError,
     DimensionMismatchError,
     DuplicateIdError,
     EmptyCorpusError,
@@ -61,6 +62,7 @@ __all__ = [
     "BM25Retriever",
     "Chunk",
     "Chunker",
+    "ConcurrentWriteError",
     "DenseRetriever",
     "DimensionMismatchError",
     "Document",

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -56,6 +57,14 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool() -> None:  # a forked child inherits the pool object but not its threads
+    global _pool, _pool_guard
+    _pool, _pool_guard = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def model_lock(retriever: Any) -> contextlib.AbstractContextManager[Any]:
     """The lock that serialises use of `retriever`'s model.
 
@@ -72,7 +81,6 @@ def model_lock(retriever: Any) -> contextlib.AbstractContextManager[Any]:
             return _fallback_locks.setdefault(retriever, threading.RLock())
         except TypeError:  # not weak-referenceable or not hashable
             return _unhashable_lock
-
 
 
 def run_locked(retriever: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -110,7 +118,7 @@ def resolve_retriever(
 def check_retriever(retriever: Any) -> Retriever:
     if not isinstance(retriever, Retriever):
         raise InvalidInputError(
-            f"expected an intrinsic_retrieval Retriever (add/delete/search/search_batch/save/load), "
+            "expected an intrinsic_retrieval Retriever (add/delete/search/search_batch/save/load), "
             f"got {type(retriever).__name__}"
         )
     return retriever

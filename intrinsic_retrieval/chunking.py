@@ -67,15 +67,24 @@ class Chunker:
         spans = self.spanner(text) if self.chunk_size is not None else []
         if self.chunk_size is None or len(spans) <= self.chunk_size:
             return [Chunk(f"{doc.id}#0", doc.id, text, meta, 0, len(text))]
-        step = self.chunk_size - self.overlap
+        # Cut only between words (a gap before the next token), so re-tokenising a chunk's text
+        # gives the same tokens rather than a longer sequence of word pieces.
+        n, size = len(spans), self.chunk_size
+        starts_word = [i == 0 or spans[i][0] > spans[i - 1][1] for i in range(n)]
         chunks = []
-        for i, first in enumerate(range(0, len(spans), step)):
-            window = spans[first : first + self.chunk_size]
-            start, end = window[0][0], window[-1][1]
-            chunks.append(Chunk(f"{doc.id}#{i}", doc.id, text[start:end], meta, start, end))
-            if first + self.chunk_size >= len(spans):
-                break
-        return chunks
+        first = 0
+        while True:
+            last = min(first + size, n) - 1
+            if last < n - 1:
+                cut = next((j for j in range(last, first, -1) if starts_word[j + 1]), last)
+                last = cut
+            start, end = spans[first][0], spans[last][1]
+            chunks.append(Chunk(f"{doc.id}#{len(chunks)}", doc.id, text[start:end], meta, start, end))
+            if last >= n - 1:
+                return chunks
+            nxt = max(first + 1, last + 1 - self.overlap)
+            aligned = next((j for j in range(nxt, last + 1) if starts_word[j]), None)
+            first = aligned if aligned is not None and aligned > first else nxt
 
     def split_all(self, docs: Sequence[Document]) -> list[Chunk]:
         check_unique_ids(d.id for d in docs)

@@ -76,8 +76,14 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu,
         "cores": os.cpu_count(),
         "gpu": gpu,
         "python": platform.python_version(),
@@ -202,6 +208,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(cols, rows))
     if args.out:
         payload = {
+            "name": f"eval-{dataset.name}",
+            "title": f"CLI eval: {dataset.name} ({args.split})",
+            "tables": [
+                {
+                    "title": f"{dataset.name} ({args.split}), from the CLI",
+                    "columns": cols,
+                    "rows": rows,
+                }
+            ],
             "dataset": dataset.name,
             "split": args.split,
             "command": " ".join(["intrinsic-retrieval", *sys.argv[1:]]),

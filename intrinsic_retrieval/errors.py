@@ -92,3 +92,21 @@ class UnsupportedArchitectureError(ModelLoadError, ValueError):
 
 class NotTrainedError(RetrievalError, RuntimeError):
     """A retriever that needs training was queried before `fit`."""
+
+
+class IdSpaceExhaustedError(InvalidInputError):
+    """More documents than the document-identifier scheme can name (generative retrieval)."""
+
+
+class DocidVocabularyError(StoreError):
+    """A stored docid map does not fit the model: token ids outside its vocabulary, a tokenizer
+    that no longer produces the stored sequences, or an atomic head of the wrong size."""
+
+
+class CheckpointMismatchError(RetrievalError):
+    """A training checkpoint that belongs to another corpus, docid map or model."""
+
+
+class ConcurrentWriteError(StoreError):
+    """Another process holds the store's single-writer lock, or the store was changed on disk by
+    another handle since this one opened it (reopen it to see the new state)."""

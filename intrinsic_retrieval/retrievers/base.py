@@ -187,7 +187,7 @@ class StoreRetriever(abc.ABC):
         if not docs:
             return []
         with self.lock:
-            self._index(docs)
+            self._ingest(docs)
         return [str(d.id) for d in docs]
 
     def _batches(self, docs: Sequence[Document]) -> Iterator[list[Chunk]]:
@@ -200,7 +200,7 @@ class StoreRetriever(abc.ABC):
         if batch:
             yield batch
 
-    def _index(self, docs: Sequence[Document]) -> None:
+    def _ingest(self, docs: Sequence[Document]) -> None:
         bar = tqdm(
             total=len(docs),
             desc=f"indexing ({self.name})",

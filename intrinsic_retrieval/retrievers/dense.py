@@ -57,7 +57,6 @@ class DenseRetriever(StoreRetriever):
         self.model, self.tokenizer = load_model(
             model or default_dense_model_path(), kind="encoder", device=device, dtype=dtype
         )
-        self.device = next(self.model.parameters()).device
         self.device_arg, self.dtype_arg = device, dtype
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
@@ -145,9 +144,4 @@ class DenseRetriever(StoreRetriever):
             if n > self.max_length:
                 self._warn_truncated("query", n, self.max_length)
         qv = self.embed(queries, show_progress=False)
-        scores, ids = self._index.search(qv, k, allowed=candidates)
-        out: list[Ranked] = []
-        for s, i in zip(scores, ids, strict=True):
-            keep = i >= 0
-            out.append((i[keep].long(), s[keep].float()))
-        return out
+        return self._index.search_ranked(qv, k, allowed=candidates)

@@ -1,7 +1,11 @@
-"""Safetensors shards, written with the safetensors library and opened memory-mapped.
+"""Safetensors shards: written with the safetensors library, read back memory-mapped.
 
-Reading goes through `numpy.memmap` at the offsets the safetensors header gives, so opening a store
-maps files instead of reading them; pages are faulted in only when a scan touches them.
+Why not `safetensors.safe_open`: its `get_tensor` copies into fresh memory, and a store must open
+without reading its shards. Instead each file is mapped once, privately and copy-on-write
+(`torch.UntypedStorage.from_file(shared=False)`), and every tensor is a view at the offsets the
+safetensors header gives: nothing is read until a page is touched, in-place edits by a caller never
+reach the disk, no file descriptor stays open per shard, and a mapping stays valid after a writer
+deletes the file (compaction), so readers keep their snapshot.
 """
 
 from __future__ import annotations
@@ -13,27 +17,38 @@ import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..errors import StoreCorruptedError
+from ..errors import InvalidInputError, StoreCorruptedError
 
-#: safetensors dtype code -> (numpy storage dtype, torch dtype)
-_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
-    "F64": (np.dtype("<f8"), torch.float64),
-    "F32": (np.dtype("<f4"), torch.float32),
-    "F16": (np.dtype("<f2"), torch.float16),
-    "BF16": (np.dtype("<u2"), torch.bfloat16),  # numpy has no bf16: map raw bits, view in torch
-    "I64": (np.dtype("<i8"), torch.int64),
-    "I32": (np.dtype("<i4"), torch.int32),
-    "I16": (np.dtype("<i2"), torch.int16),
-    "I8": (np.dtype("i1"), torch.int8),
-    "U8": (np.dtype("u1"), torch.uint8),
-    "BOOL": (np.dtype("?"), torch.bool),
+#: safetensors dtype code -> torch dtype (what the mapper can read back)
+ST_DTYPES: dict[str, torch.dtype] = {
+    code: dt
+    for code, dt in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "U16": getattr(torch, "uint16", None),
+        "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }.items()
+    if dt is not None
 }
+_WRITABLE = set(ST_DTYPES.values())
 
+#: dtype names a `TensorSpec` may use (per-row tensors)
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "float32": torch.float32,
@@ -47,6 +62,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     for name, dt in TORCH_DTYPES.items():
@@ -56,6 +73,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a rename durable (no-op where directories cannot be fsynced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -85,17 +103,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+    atomic_write_bytes(
+        path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+    )
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict | None = None) -> dict:
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no memory (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(value, torch.Tensor):
+            raise InvalidInputError(f"{name!r} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in _WRITABLE:
+            raise InvalidInputError(f"tensor {name!r} has unsupported dtype {value.dtype}")
+        t = value.detach().cpu().contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Atomically write a safetensors file; returns ``{"bytes", "sha256"}`` for the manifest."""
+    payload = _unshared(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={k: str(v) for k, v in (meta or {}).items()})
+        save_file(payload, tmp, metadata={str(k): str(v) for k, v in (meta or {}).items()})
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         info = {"bytes": os.path.getsize(tmp), "sha256": file_sha256(Path(tmp))}
@@ -115,11 +158,71 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def mmap_safetensors(path: Path, expected_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    """Map every tensor of a safetensors file without reading its data.
+class MappedFile:
+    """One safetensors file mapped copy-on-write: `tensors` are zero-copy views of `raw`."""
 
-    Raises `StoreCorruptedError` naming the file when it is truncated or its header is bad.
-    """
+    __slots__ = ("metadata", "path", "raw", "tensors")
+
+    def __init__(self, path: Path, expected_bytes: int | None = None) -> None:
+        self.path = path
+        size = _checked_size(path, expected_bytes)
+        with open(path, "rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > size - 8 or header_len > _MAX_HEADER:
+                raise StoreCorruptedError(path, "safetensors header length is out of range")
+            header_bytes = fh.read(header_len)
+        try:
+            header = json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise StoreCorruptedError(
+                path, f"safetensors header is not valid JSON ({exc})"
+            ) from exc
+        if not isinstance(header, dict):
+            raise StoreCorruptedError(path, "safetensors header is not an object")
+        meta = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = dict(meta) if isinstance(meta, dict) else {}
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        self.raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        base = 8 + header_len
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name, info in header.items():
+            self.tensors[name] = self._view(name, info, base, size)
+
+    def _view(self, name: str, info: Any, base: int, size: int) -> torch.Tensor:
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreCorruptedError(self.path, f"bad header entry for tensor {name!r}") from exc
+        count = 1
+        for s in shape:
+            if s < 0:
+                raise StoreCorruptedError(self.path, f"tensor {name!r} has a negative dimension")
+            count *= s
+        if begin < 0 or base + end > size or end - begin != count * dtype.itemsize:
+            raise StoreCorruptedError(
+                self.path, f"tensor {name!r} extends past the end of the file"
+            )
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = self.raw[base + begin : base + end]
+        if (base + begin) % dtype.itemsize:  # never for files safetensors wrote (it aligns)
+            flat = flat.clone()
+        return flat.view(dtype).view(shape)
+
+    def read_bytes_into(self, fh: Any, hasher: Any) -> None:
+        """Write the mapped file to `fh` (feeding `hasher`): copies a snapshot even after the
+        file itself was replaced or removed by a writer."""
+        data = self.raw.numpy()
+        step = 1 << 24
+        for i in range(0, len(data), step):
+            block = memoryview(data[i : i + step])
+            hasher.update(block)
+            fh.write(block)
+
+
+def _checked_size(path: Path, expected_bytes: int | None) -> int:
     try:
         size = path.stat().st_size
     except FileNotFoundError as exc:
@@ -130,36 +233,12 @@ def mmap_safetensors(path: Path, expected_bytes: int | None = None) -> dict[str,
         )
     if size < 8:
         raise StoreCorruptedError(path, "file is shorter than a safetensors header")
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise StoreCorruptedError(path, "safetensors header length is out of range")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreCorruptedError(path, f"safetensors header is not valid JSON ({exc})") from exc
-    base = 8 + header_len
-    out: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            np_dtype, t_dtype = _DTYPES[info["dtype"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(s) for s in info["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreCorruptedError(path, f"bad header entry for tensor {name!r}") from exc
-        count = int(np.prod(shape)) if shape else 1
-        if base + end > size or end - begin != count * np_dtype.itemsize:
-            raise StoreCorruptedError(path, f"tensor {name!r} extends past the end of the file")
-        if count == 0:
-            out[name] = torch.empty(shape, dtype=t_dtype)
-            continue
-        # mode "c" (copy-on-write) maps lazily and gives torch a writable view without
-        # touching the file; nothing is read until a page is used.
-        arr = np.memmap(path, dtype=np_dtype, mode="c", offset=base + begin, shape=(count,))
-        tensor = torch.from_numpy(arr)
-        if t_dtype == torch.bfloat16:
-            tensor = tensor.view(torch.bfloat16)
-        out[name] = tensor.reshape(shape)
-    return out
+    return size
+
+
+def mmap_safetensors(path: Path, expected_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Map every tensor of a safetensors file without reading its data.
+
+    Raises `StoreCorruptedError` naming the file when it is missing, truncated or its header is bad.
+    """
+    return MappedFile(path, expected_bytes).tensors

@@ -1,64 +1,88 @@
-"""The encoded-chunk store: one on-disk format for every retriever.
+"""The encoded-chunk store: one on-disk format for every retriever (docs/store-format.md).
 
 Layout of a store directory::
 
     manifest.json            commit point: format version, model fingerprint, tensor specs,
-                             retriever config, shard list with sizes and sha256
+                             retriever config, shard list with sizes and sha256, aux entries
     chunks-<gen>.sqlite      chunk ids, document ids, texts, JSON metadata, tombstones
     shards/*.safetensors     per-row tensors, one file per append (fixed-size rows, or
                              variable-length rows flattened with a `<name>.offsets` table)
-    aux/<name>.safetensors   tensors that are not per row (trained heads, statistics)
+    aux/<name>-*.safetensors tensors that are not per row (trained heads, statistics)
+    .lock                    the single-writer lock (empty)
 
-Writes go to new files first and the manifest is replaced last, so a crash leaves the previous
-state readable; rows or files the manifest does not know are discarded when the store reopens.
+Write protocol: new files first (temp + rename), the manifest last; existing shards are never
+modified. A crash therefore leaves the previous commit readable, and what it did not commit (shard
+files the manifest does not list, SQLite rows at or beyond ``num_rows``) is ignored by readers and
+deleted by the next writable open.
+
+Concurrency: one writer, many readers. A handle takes the per-store writer lock (`lock.py`) at its
+first write and keeps it until `close()`; a second process that tries to write gets
+`ConcurrentWriteError`. Every write also checks that the manifest on disk is still the one this
+handle committed or opened, so a stale handle (another handle of the same process wrote, or the
+store was replaced by `copy_to`) refuses to write instead of losing data. Readers see the manifest
+that was current when they opened it: rows appended later stay invisible until they reopen, shards
+stay mapped even after a compaction deletes their files. Tombstones are the exception: they live
+in SQLite, so deletions committed by the writer show up in readers at once (until the writer
+compacts; a reader then keeps the pre-compaction tombstones until it reopens).
+
+``open(read_only=True)`` guarantees that nothing in the directory is created, changed or deleted
+(no lock file, no crash recovery, SQLite opened ``mode=ro``), and that every mutating method raises
+`StoreError`. Returned tensors are private copy-on-write mappings: writing into them changes this
+process's view only, never the files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
+import os
 import sqlite3
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import closing, suppress
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import (
-    DimensionMismatchError,
+    ConcurrentWriteError,
     DuplicateIdError,
+    InvalidFilterError,
     InvalidInputError,
     ModelMismatchError,
     StoreCorruptedError,
     StoreError,
-    StoreNotFoundError,
-    StoreVersionError,
     UnknownIdError,
 )
 from ..filters import compile_filter
 from ..types import Chunk
-from .shards import (
-    TORCH_DTYPES,
-    atomic_write_json,
-    file_sha256,
-    mmap_safetensors,
-    write_safetensors,
+from . import lock
+from .manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    TensorSpec,
+    check_name,
+    json_copy,
+    read_manifest,
+    validate_manifest,
 )
+from .rows import chunk_record, json_metadata, shard_payload
+from .shards import MappedFile, atomic_write_json, file_sha256, fsync_dir, write_safetensors
 
-FORMAT_NAME = "intrinsic-retrieval/encoded-chunk-store"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "EncodedChunkStore", "TensorSpec"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
     row INTEGER PRIMARY KEY,
-    chunk_id TEXT NOT NULL UNIQUE,
+    chunk_id TEXT NOT NULL,
     document_id TEXT NOT NULL,
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
@@ -66,60 +90,77 @@ CREATE TABLE IF NOT EXISTS chunks (
     "end" INTEGER NOT NULL DEFAULT 0,
     deleted INTEGER NOT NULL DEFAULT 0
 );
+CREATE UNIQUE INDEX IF NOT EXISTS chunks_live_id ON chunks(chunk_id) WHERE deleted = 0;
 CREATE INDEX IF NOT EXISTS chunks_document ON chunks(document_id);
 """
+_COLUMNS = 'row, chunk_id, document_id, text, metadata, start, "end"'
+_INSERT = f"INSERT INTO chunks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_BATCH = 500  # ids per IN (...) query, well under SQLite's variable limit
+#: default size of the shards `compact()` writes (it holds about this much in memory at once)
+COMPACT_SHARD_BYTES = 256 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """What one named per-row tensor looks like.
-
-    kind="fixed": every row has `shape` (e.g. pooled vectors ``(p, d)``).
-    kind="varlen": every row has ``(len_i, *shape)`` (e.g. token states ``(d,)`` per token).
-    """
-
-    kind: Literal["fixed", "varlen"]
-    dtype: str
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("fixed", "varlen"):
-            raise InvalidInputError(f"tensor kind must be 'fixed' or 'varlen', got {self.kind!r}")
-        if self.dtype not in TORCH_DTYPES:
-            raise InvalidInputError(f"unsupported store dtype {self.dtype!r}")
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> TensorSpec:
-        return cls(kind=obj["kind"], dtype=obj["dtype"], shape=tuple(obj["shape"]))
+def _uid() -> str:
+    return uuid.uuid4().hex[:16]
 
 
-def _json_metadata(meta: Mapping[str, Any], chunk_id: str) -> str:
-    try:
-        return json.dumps(dict(meta), sort_keys=True, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"metadata of chunk {chunk_id!r} is not JSON-serialisable: {exc}") from exc
+def _remove_orphans(root: Path, manifest: Mapping[str, Any]) -> None:
+    """Delete what no commit refers to: unlisted shards/aux files, other SQLite files, temps."""
+    keep = {root / s["file"] for s in manifest["shards"]}
+    keep |= {root / a["file"] for a in manifest.get("aux", {}).values()}
+    for folder in ("shards", "aux"):
+        d = root / folder
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.is_file() and f not in keep:
+                    f.unlink(missing_ok=True)
+    live = manifest["sqlite"]
+    live_files = {live, f"{live}-journal", f"{live}-wal", f"{live}-shm"}
+    for f in root.glob("chunks-*.sqlite*"):
+        if f.name not in live_files:
+            f.unlink(missing_ok=True)
+    for pattern in (f".{MANIFEST}.*.tmp", ".chunks-*.tmp"):
+        for f in root.glob(pattern):
+            f.unlink(missing_ok=True)
 
 
 class EncodedChunkStore:
-    """Chunks, their metadata and their tensors on disk; see the module docstring for layout."""
+    """Chunks, their metadata and their tensors on disk; see the module docstring for the
+    layout, the write protocol and the concurrency rules."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], *, read_only: bool = False) -> None:
-        self.path = path
-        self._manifest = manifest
+        self.path = Path(path)
         self.read_only = read_only
-        self.specs = {k: TensorSpec.from_json(v) for k, v in manifest["tensors"].items()}
-        self._db = self._connect()
-        self._shard_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._mutex = threading.RLock()
+        self._lock_key: str | None = None
+        self._release: weakref.finalize | None = None
+        self._conn: sqlite3.Connection | None = None
+        manifest = validate_manifest(manifest, self.path / MANIFEST)
+        specs = {k: TensorSpec.from_json(v) for k, v in manifest["tensors"].items()}
+        conn = self._connect(manifest["sqlite"])
+        try:
+            self._check_rows(conn, manifest)
+            maps = {s["file"]: self._map_shard(s, specs) for s in manifest["shards"]}
+        except BaseException:
+            conn.close()
+            raise
+        self._install(manifest, specs, conn, maps)
+
+    def _install(
+        self,
+        manifest: dict[str, Any],
+        specs: dict[str, TensorSpec],
+        conn: sqlite3.Connection,
+        maps: dict[str, MappedFile],
+    ) -> None:
+        self._manifest = manifest
+        self.specs = specs
+        self._conn = conn
+        self._maps = maps
+        self._starts = np.array([s["start"] for s in manifest["shards"]], dtype=np.int64)
         self._fixed_cache: dict[str, torch.Tensor] = {}
         self._live_cache: torch.Tensor | None = None
+        self._data_version: int | None = None
 
     # ------------------------------------------------------------------ creation and opening
     @classmethod
@@ -132,58 +173,74 @@ class EncodedChunkStore:
         config: Mapping[str, Any] | None = None,
         exist_ok: bool = False,
     ) -> EncodedChunkStore:
-        """Create an empty store. `config` is whatever the retriever needs to rebuild itself."""
+        """Create an empty store. `config` is whatever the retriever needs to rebuild itself.
+
+        With ``exist_ok=True`` an existing store is opened instead, provided it was made by the
+        same `fingerprint` (else `ModelMismatchError`) with the same `specs` (else `StoreError`).
+        """
         root = Path(path)
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise InvalidInputError("fingerprint must be a non-empty str")
+        if not isinstance(specs, Mapping):
+            raise InvalidInputError("specs must map tensor names to TensorSpec")
+        for name, spec in specs.items():
+            check_name(name, "tensor")
+            if not isinstance(spec, TensorSpec):
+                raise InvalidInputError(f"spec {name!r} must be a TensorSpec, got {spec!r}")
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidInputError(f"config must be a mapping, got {type(config).__name__}")
+        config = json_copy(dict(config or {}), "store config")
         if (root / MANIFEST).exists():
             if not exist_ok:
-                raise StoreError(f"a store already exists at {root}; open it or choose another path")
-            return cls.open(root, fingerprint=fingerprint)
+                raise StoreError(
+                    f"a store already exists at {root}; open it or choose another path"
+                )
+            store = cls.open(root, fingerprint=fingerprint)
+            if store.specs != dict(specs):
+                store.close()
+                raise StoreError(
+                    f"{root / MANIFEST} holds tensors {store.manifest['tensors']}, not the "
+                    "requested specs; use another path"
+                )
+            return store
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"cannot create a store at {root}: it is a file")
         root.mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
-        now = time.time()
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "config": dict(config or {}),
-            "tensors": {k: v.to_json() for k, v in specs.items()},
-            "sqlite": "chunks-0.sqlite",
-            "shards": [],
-            "aux": {},
-            "num_rows": 0,
-            "generation": 0,
-            "created_at": now,
-            "updated_at": now,
-        }
-        db = sqlite3.connect(root / manifest["sqlite"])
-        db.executescript(_SCHEMA)
-        db.commit()
-        db.close()
-        atomic_write_json(root / MANIFEST, manifest)
+        key = lock.acquire(root)
+        try:
+            now = time.time()
+            manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "config": config,
+                "tensors": {k: v.to_json() for k, v in specs.items()},
+                "sqlite": "chunks-0.sqlite",
+                "shards": [],
+                "aux": {},
+                "num_rows": 0,
+                "generation": 0,
+                "commit_id": _uid(),
+                "created_at": now,
+                "updated_at": now,
+            }
+            for suffix in ("", "-journal", "-wal", "-shm"):  # leftovers of a crashed create
+                (root / f"chunks-0.sqlite{suffix}").unlink(missing_ok=True)
+            with closing(sqlite3.connect(root / manifest["sqlite"])) as db:
+                db.executescript(_SCHEMA)
+                db.commit()
+            atomic_write_json(root / MANIFEST, manifest)
+        finally:
+            lock.release(key)
         return cls(root, manifest)
 
     @classmethod
     def read_manifest(cls, path: str | PathLike[str]) -> dict[str, Any]:
-        """Parse and validate a manifest without opening shards (used by `load` to pick a class)."""
-        mpath = Path(path) / MANIFEST
-        if not mpath.exists():
-            raise StoreNotFoundError(f"no encoded-chunk store at {Path(path)} (missing {MANIFEST})")
-        try:
-            manifest = json.loads(mpath.read_text("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreCorruptedError(mpath, f"not valid JSON ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise StoreCorruptedError(mpath, f"not an {FORMAT_NAME} manifest")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise StoreVersionError(
-                f"{mpath} has format version {version}; this library reads up to {FORMAT_VERSION}. "
-                "Upgrade intrinsic-retrieval to open it."
-            )
-        for key in ("fingerprint", "tensors", "shards", "num_rows", "sqlite"):
-            if key not in manifest:
-                raise StoreCorruptedError(mpath, f"missing key {key!r}")
-        return manifest
+        """Parse and validate a manifest without opening anything else (used by `load` to pick
+        a retriever class). Raises `StoreNotFoundError`, `StoreVersionError` or
+        `StoreCorruptedError`."""
+        return read_manifest(Path(path))
 
     @classmethod
     def open(
@@ -193,65 +250,131 @@ class EncodedChunkStore:
         fingerprint: str | None = None,
         read_only: bool = False,
     ) -> EncodedChunkStore:
-        """Open memory-mapped. With `fingerprint`, refuse a store made by another model."""
+        """Open memory-mapped (shard headers are read, shard data is not).
+
+        With `fingerprint`, refuse a store made by another model (`ModelMismatchError`). A
+        writable open also finishes crash recovery when no writer is active.
+        """
         root = Path(path)
-        manifest = cls.read_manifest(root)
-        if fingerprint is not None and manifest["fingerprint"] != fingerprint:
-            raise ModelMismatchError(root / MANIFEST, expected=fingerprint, found=manifest["fingerprint"])
-        store = cls(root, manifest, read_only=read_only)
-        for shard in manifest["shards"]:  # cheap size check: catches truncation at open
-            spath = root / shard["file"]
-            if not spath.exists():
-                raise StoreCorruptedError(spath, "shard listed in the manifest is missing")
-            if spath.stat().st_size != shard["bytes"]:
-                raise StoreCorruptedError(
-                    spath,
-                    f"size is {spath.stat().st_size} bytes, manifest says {shard['bytes']} "
-                    "(truncated or overwritten)",
+        for attempt in range(5):
+            manifest = read_manifest(root)
+            if fingerprint is not None and manifest["fingerprint"] != fingerprint:
+                raise ModelMismatchError(
+                    root / MANIFEST, expected=fingerprint, found=manifest["fingerprint"]
                 )
+            try:
+                store = cls(root, manifest, read_only=read_only)
+            except StoreCorruptedError:
+                # a writer may have compacted between our reading the manifest and its files
+                try:
+                    again = read_manifest(root)
+                except Exception:
+                    again = manifest
+                if again == manifest or attempt == 4:
+                    raise
+                continue
+            break
         if not read_only:
             store._recover()
         return store
 
-    def _connect(self) -> sqlite3.Connection:
-        dbpath = self.path / self._manifest["sqlite"]
-        if not dbpath.exists():
+    def _connect(self, name: str) -> sqlite3.Connection:
+        dbpath = self.path / name
+        if not dbpath.is_file():
             raise StoreCorruptedError(dbpath, "SQLite file listed in the manifest is missing")
+        conn: sqlite3.Connection | None = None
         try:
             if self.read_only:
-                db = sqlite3.connect(f"file:{dbpath}?mode=ro", uri=True, check_same_thread=False)
+                uri = dbpath.resolve().as_uri() + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
-                db = sqlite3.connect(dbpath, check_same_thread=False)
-            db.execute("SELECT count(*) FROM chunks").fetchone()
-        except sqlite3.DatabaseError as exc:
+                conn = sqlite3.connect(dbpath, check_same_thread=False)
+            conn.execute(f"SELECT {_COLUMNS}, deleted FROM chunks LIMIT 0").fetchall()
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
             raise StoreCorruptedError(dbpath, f"SQLite error: {exc}") from exc
-        return db
+        return conn
+
+    def _check_rows(self, conn: sqlite3.Connection, manifest: Mapping[str, Any]) -> None:
+        n = manifest["num_rows"]
+        dbpath = self.path / manifest["sqlite"]
+        try:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM chunks WHERE row >= 0 AND row < ?", (n,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreCorruptedError(dbpath, f"SQLite error: {exc}") from exc
+        if count != n:
+            raise StoreCorruptedError(dbpath, f"holds {count} committed rows, manifest says {n}")
+
+    def _map_shard(self, entry: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> MappedFile:
+        """Map one shard and check its header against the specs (reads no tensor data beyond
+        the two ends of each offsets table)."""
+        path = self.path / entry["file"]
+        mapped = MappedFile(path, expected_bytes=entry["bytes"])
+        rows = entry["rows"]
+        for name, spec in specs.items():
+            t = mapped.tensors.get(name)
+            if t is None:
+                raise StoreCorruptedError(path, f"tensor {name!r} is missing")
+            if t.dtype != spec.torch_dtype:
+                raise StoreCorruptedError(
+                    path, f"tensor {name!r} is {t.dtype}, spec says {spec.dtype}"
+                )
+            if spec.kind == "fixed":
+                want = (rows, *spec.shape)
+                if tuple(t.shape) != want:
+                    raise StoreCorruptedError(
+                        path, f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}"
+                    )
+                continue
+            off = mapped.tensors.get(f"{name}.offsets")
+            if off is None or off.dtype != torch.int64 or tuple(off.shape) != (rows + 1,):
+                raise StoreCorruptedError(
+                    path, f"offsets table of {name!r} is missing or misshapen"
+                )
+            if t.dim() != len(spec.shape) + 1 or tuple(t.shape[1:]) != spec.shape:
+                raise StoreCorruptedError(path, f"tensor {name!r} has shape {tuple(t.shape)}")
+            if int(off[0]) != 0 or int(off[-1]) != t.shape[0]:
+                raise StoreCorruptedError(path, f"offsets table of {name!r} does not span its data")
+        return mapped
 
     def _recover(self) -> None:
-        """Drop what an interrupted write left behind: rows and files the manifest does not list."""
-        n = self._manifest["num_rows"]
-        with self._db:
-            self._db.execute("DELETE FROM chunks WHERE row >= ?", (n,))
-        (count,) = self._db.execute("SELECT count(*) FROM chunks").fetchone()
-        if count != n:
-            raise StoreCorruptedError(
-                self.path / self._manifest["sqlite"], f"holds {count} rows, manifest says {n}"
-            )
-        keep = {self.path / s["file"] for s in self._manifest["shards"]}
-        keep |= {self.path / a["file"] for a in self._manifest.get("aux", {}).values()}
-        for folder in ("shards", "aux"):
-            for f in (self.path / folder).glob("*") if (self.path / folder).exists() else []:
-                if f not in keep:
-                    f.unlink(missing_ok=True)
-        live_db = self._manifest["sqlite"]
-        for f in self.path.glob("chunks-*.sqlite*"):
-            if f.name != live_db and not f.name.startswith(live_db):
-                f.unlink(missing_ok=True)
+        """Drop what an interrupted write left behind (rows and files the manifest does not
+        list); only when no writer is active, since those could be its uncommitted work."""
+        key = lock.try_exclusive(self.path)
+        if key is None:
+            return
+        try:
+            if read_manifest(self.path) != self._manifest:
+                return  # committed by someone in between: this handle is stale, leave it be
+            with self._mutex, self._db:
+                self._db.execute("DELETE FROM chunks WHERE row >= ?", (self.num_rows,))
+            _remove_orphans(self.path, self._manifest)
+        except (OSError, sqlite3.Error, StoreError):
+            pass  # recovery is an optimisation: readers already ignore uncommitted leftovers
+        finally:
+            lock.release(key)
 
     def close(self) -> None:
-        self._db.close()
-        self._shard_cache.clear()
-        self._fixed_cache.clear()
+        """Close SQLite, drop the mappings and release the writer lock. Idempotent."""
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._maps = {}
+            self._fixed_cache = {}
+            self._live_cache = None
+            if self._release is not None:
+                self._release()
+                self._release = None
+                self._lock_key = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else f"rows={self.num_rows}"
+        mode = ", read_only=True" if self.read_only else ""
+        return f"EncodedChunkStore({str(self.path)!r}, {state}{mode})"
 
     def __enter__(self) -> EncodedChunkStore:
         return self
@@ -259,9 +382,24 @@ class EncodedChunkStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"store {self.path} is closed")
+        return self._conn
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._mutex:
+            return self._db.execute(sql, params).fetchall()
+
     # ------------------------------------------------------------------ properties
     @property
     def manifest(self) -> dict[str, Any]:
+        """A copy of the committed manifest this handle sees."""
         return json.loads(json.dumps(self._manifest))
 
     @property
@@ -270,7 +408,7 @@ class EncodedChunkStore:
 
     @property
     def config(self) -> dict[str, Any]:
-        return dict(self._manifest["config"])
+        return json.loads(json.dumps(self._manifest["config"]))
 
     @property
     def num_rows(self) -> int:
@@ -278,258 +416,380 @@ class EncodedChunkStore:
         return int(self._manifest["num_rows"])
 
     def __len__(self) -> int:
-        (n,) = self._db.execute("SELECT count(*) FROM chunks WHERE deleted = 0").fetchone()
+        """Live (not tombstoned) chunks."""
+        ((n,),) = self._query(
+            "SELECT count(*) FROM chunks WHERE deleted = 0 AND row < ?", (self.num_rows,)
+        )
         return int(n)
 
     def nbytes(self) -> int:
-        """Bytes on disk (manifest, SQLite, shards, aux)."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes on disk of the committed files (manifest, SQLite, shards, aux)."""
+        files = [MANIFEST, self._manifest["sqlite"], *(s["file"] for s in self._manifest["shards"])]
+        files += [a["file"] for a in self._manifest.get("aux", {}).values()]
+        total = 0
+        for f in files:
+            with suppress(FileNotFoundError):
+                total += (self.path / f).stat().st_size
+        return total
 
-    # ------------------------------------------------------------------ writing
-    def _require_writable(self) -> None:
+    # ------------------------------------------------------------------ write plumbing
+    def _begin_write(self) -> None:
+        """Take the writer lock and make sure this handle is not stale."""
+        self._db  # noqa: B018 - raises if closed
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
+        if self._lock_key is None:
+            key = lock.acquire(self.path)
+            self._lock_key = key
+            self._release = weakref.finalize(self, lock.release, key)
+        on_disk = read_manifest(self.path)
+        if on_disk != self._manifest:
+            raise ConcurrentWriteError(
+                f"{self.path / MANIFEST} was committed by another handle since this one opened it; "
+                "reopen the store"
+            )
 
-    def _commit_manifest(self) -> None:
-        self._manifest["updated_at"] = time.time()
-        self._manifest["generation"] = int(self._manifest.get("generation", 0)) + 1
-        atomic_write_json(self.path / MANIFEST, self._manifest)
+    def _commit(self, manifest: dict[str, Any]) -> None:
+        """Write `manifest` as the new commit point; in-memory state changes only once the
+        rename happened (also when an interrupt arrives just after it: callers then see
+        ``self._manifest`` changed and must not roll back)."""
+        manifest = dict(manifest)
+        manifest["updated_at"] = time.time()
+        manifest["generation"] = int(self._manifest.get("generation", 0)) + 1
+        manifest["commit_id"] = _uid()
+        try:
+            atomic_write_json(self.path / MANIFEST, manifest)
+        except BaseException:
+            with suppress(Exception):
+                if read_manifest(self.path).get("commit_id") == manifest["commit_id"]:
+                    self._manifest = manifest
+            raise
+        self._manifest = manifest
+
+    def _next_manifest(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest))
 
     def set_config(self, config: Mapping[str, Any]) -> None:
         """Replace the retriever config recorded in the manifest."""
-        self._require_writable()
-        self._manifest["config"] = json.loads(json.dumps(dict(config)))
-        self._commit_manifest()
+        with self._mutex:
+            self._begin_write()
+            if not isinstance(config, Mapping):
+                raise InvalidInputError(f"config must be a mapping, got {type(config).__name__}")
+            new = self._next_manifest()
+            new["config"] = json_copy(dict(config), "store config")
+            self._commit(new)
 
-    def _validate_tensors(
-        self, n: int, tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
-        missing = set(self.specs) - set(tensors)
-        extra = set(tensors) - set(self.specs)
-        if missing or extra:
-            raise DimensionMismatchError(
-                f"tensors do not match the store specs: missing {sorted(missing)}, "
-                f"unexpected {sorted(extra)}"
-            )
-        out: dict[str, torch.Tensor] = {}
-        for name, spec in self.specs.items():
-            value = tensors[name]
-            if spec.kind == "fixed":
-                t = value if isinstance(value, torch.Tensor) else torch.stack(list(value))
-                if tuple(t.shape) != (n, *spec.shape):
-                    raise DimensionMismatchError(
-                        f"tensor {name!r} has shape {tuple(t.shape)}, expected {(n, *spec.shape)}"
-                    )
-                out[name] = t.to(spec.torch_dtype)
-            else:
-                rows = list(value) if not isinstance(value, torch.Tensor) else list(value.unbind(0))
-                if len(rows) != n:
-                    raise DimensionMismatchError(
-                        f"varlen tensor {name!r} has {len(rows)} rows, expected {n}"
-                    )
-                for i, r in enumerate(rows):
-                    if tuple(r.shape[1:]) != spec.shape or r.dim() != len(spec.shape) + 1:
-                        raise DimensionMismatchError(
-                            f"varlen tensor {name!r} row {i} has shape {tuple(r.shape)}, "
-                            f"expected (len, {', '.join(map(str, spec.shape))})"
-                        )
-                lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
-                offsets = torch.zeros(n + 1, dtype=torch.int64)
-                offsets[1:] = torch.cumsum(lengths, 0)
-                flat = torch.cat([r.to(spec.torch_dtype) for r in rows], 0) if rows else torch.empty(
-                    (0, *spec.shape), dtype=spec.torch_dtype
-                )
-                out[name] = flat
-                out[f"{name}.offsets"] = offsets
-        return out
-
+    # ------------------------------------------------------------------ appending and deleting
     def append(
         self,
         chunks: Sequence[Chunk],
         tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
     ) -> range:
-        """Append rows without rewriting existing shards; returns the new row indices.
+        """Append rows as one new shard (old shards are never rewritten); returns their indices.
 
-        Everything is validated before the first byte is written, so bad input leaves the store
+        Everything is validated before the first byte is written, and a failure while writing
+        rolls back to the last commit, so bad input or an interrupted append leaves the store
         exactly as it was.
         """
-        self._require_writable()
-        n = len(chunks)
-        if n == 0:
-            return range(self.num_rows, self.num_rows)
-        ids = [c.id for c in chunks]
-        seen: set[str] = set()
-        dup_batch = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
-        if dup_batch:
-            raise DuplicateIdError(dup_batch, where="batch")
-        existing = self.existing_chunk_ids(ids)
-        if existing:
-            raise DuplicateIdError(sorted(existing))
-        records = [
-            (c.id, c.document_id, c.text, _json_metadata(c.metadata, c.id), c.start, c.end)
-            for c in chunks
-        ]
-        payload = self._validate_tensors(n, tensors)
+        with self._mutex:
+            self._begin_write()
+            chunks = list(chunks)
+            n = len(chunks)
+            start = self.num_rows
+            if n == 0:
+                return range(start, start)
+            records = [chunk_record(c) for c in chunks]
+            ids = [r[0] for r in records]
+            seen: set[str] = set()
+            dup_batch = sorted({i for i in ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+            if dup_batch:
+                raise DuplicateIdError(dup_batch, where="batch")
+            existing = self.existing_chunk_ids(ids)
+            if existing:
+                raise DuplicateIdError(sorted(existing))
+            payload = shard_payload(self.specs, n, tensors)
 
-        start = self.num_rows
-        name = f"shards/shard-{start:09d}-{uuid.uuid4().hex[:8]}.safetensors"
-        info = write_safetensors(self.path / name, payload, {"start": start, "rows": n})
-        try:
-            with self._db:
-                self._db.executemany(
-                    'INSERT INTO chunks (row, chunk_id, document_id, text, metadata, start, "end") '
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(start + i, *rec) for i, rec in enumerate(records)],
-                )
-            self._manifest["shards"].append({"file": name, "start": start, "rows": n, **info})
-            self._manifest["num_rows"] = start + n
-            self._commit_manifest()
-        except BaseException:
-            # roll back to the last committed manifest
-            self._manifest = self.read_manifest(self.path)
-            with self._db:
-                self._db.execute("DELETE FROM chunks WHERE row >= ?", (self.num_rows,))
-            (self.path / name).unlink(missing_ok=True)
-            raise
+            name = f"shards/shard-{start:09d}-{_uid()}.safetensors"
+            info = write_safetensors(
+                self.path / name, payload, {"format": FORMAT_NAME, "start": start, "rows": n}
+            )
+            entry = {"file": name, "start": start, "rows": n, **info}
+            new = self._next_manifest()
+            new["shards"].append(entry)
+            new["num_rows"] = start + n
+            before = self._manifest
+            mapped: MappedFile | None = None
+            try:
+                mapped = self._map_shard(entry, self.specs)
+                with self._db:
+                    self._db.execute("DELETE FROM chunks WHERE row >= ?", (start,))
+                    self._db.executemany(_INSERT, [(start + i, *r) for i, r in enumerate(records)])
+                self._commit(new)
+            except BaseException as exc:
+                if self._manifest is not before and mapped is not None:
+                    # the commit landed just before the interruption: keep it
+                    self._added_shard(name, mapped, start)
+                    raise
+                # if this fails too, the next writable open drops these rows
+                with suppress(sqlite3.Error), self._db:
+                    self._db.execute("DELETE FROM chunks WHERE row >= ?", (start,))
+                (self.path / name).unlink(missing_ok=True)
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise DuplicateIdError(ids, where="store (SQLite)") from exc
+                raise
+            self._added_shard(name, mapped, start)
+            return range(start, start + n)
+
+    def _added_shard(self, name: str, mapped: MappedFile, start: int) -> None:
+        self._maps[name] = mapped
+        self._starts = np.append(self._starts, start)
         self._invalidate()
-        return range(start, start + n)
 
     def existing_chunk_ids(self, ids: Iterable[str]) -> set[str]:
-        found: set[str] = set()
-        ids = list(ids)
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            q = f"SELECT chunk_id FROM chunks WHERE chunk_id IN ({','.join('?' * len(part))})"
-            found.update(r[0] for r in self._db.execute(q, part))
-        return found
+        """Which of `ids` are live chunk ids (tombstoned ids may be added again)."""
+        return self._existing("chunk_id", ids)
 
     def existing_document_ids(self, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` are document ids with at least one live chunk."""
+        return self._existing("document_id", ids)
+
+    def _existing(self, column: str, ids: Iterable[str]) -> set[str]:
         found: set[str] = set()
-        ids = list(ids)
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
+        ids = [str(i) for i in ids]
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i : i + _BATCH]
             q = (
-                "SELECT DISTINCT document_id FROM chunks WHERE deleted = 0 AND "
-                f"document_id IN ({','.join('?' * len(part))})"
+                f"SELECT DISTINCT {column} FROM chunks WHERE deleted = 0 AND row < ? AND "
+                f"{column} IN ({','.join('?' * len(part))})"
             )
-            found.update(r[0] for r in self._db.execute(q, part))
+            found.update(r[0] for r in self._query(q, [self.num_rows, *part]))
         return found
 
     def rows_for_ids(self, ids: Iterable[str]) -> list[int]:
-        """Live rows whose chunk id or document id is in `ids` (document ids take all chunks)."""
+        """Live rows whose chunk id or document id is in `ids` (a document id takes all its
+        chunks), sorted."""
+        if isinstance(ids, str):
+            ids = [ids]
         rows: set[int] = set()
-        ids = list(ids)
-        for i in range(0, len(ids), 400):
-            part = ids[i : i + 400]
+        ids = [str(i) for i in ids]
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i : i + _BATCH]
             marks = ",".join("?" * len(part))
             q = (
-                f"SELECT row FROM chunks WHERE deleted = 0 AND "
+                "SELECT row FROM chunks WHERE deleted = 0 AND row < ? AND "
                 f"(chunk_id IN ({marks}) OR document_id IN ({marks}))"
             )
-            rows.update(r[0] for r in self._db.execute(q, part + part))
+            rows.update(r[0] for r in self._query(q, [self.num_rows, *part, *part]))
         return sorted(rows)
 
     def delete(self, ids: Iterable[str], *, missing_ok: bool = True) -> list[int]:
         """Tombstone chunks by chunk id or document id; returns the rows removed.
 
-        Tombstoned rows stay in the shards until `compact()`; they are excluded from `live_mask`.
+        Tombstoned rows stay in the shards until `compact()`; they leave `live_mask`, `len`,
+        filters and id lookups at once. With ``missing_ok=False`` an id that matches no live
+        chunk raises `UnknownIdError` and nothing is deleted.
         """
-        self._require_writable()
-        ids = [str(i) for i in ids]
-        rows = self.rows_for_ids(ids)
-        if not missing_ok:
-            hit = {c.id for c in self.get(rows)} | {c.document_id for c in self.get(rows)}
-            unknown = [i for i in ids if i not in hit]
-            if unknown:
-                raise UnknownIdError(f"unknown id(s): {unknown[:5]}")
-        with self._db:
-            self._db.executemany("UPDATE chunks SET deleted = 1 WHERE row = ?", [(r,) for r in rows])
-        self._live_cache = None
-        return rows
+        with self._mutex:
+            self._begin_write()
+            if isinstance(ids, str):
+                ids = [ids]
+            ids = [str(i) for i in ids]
+            rows = self.rows_for_ids(ids)
+            if not missing_ok:
+                hit: set[str] = set()
+                for c in self.get(rows):
+                    hit.update((c.id, c.document_id))
+                unknown = [i for i in ids if i not in hit]
+                if unknown:
+                    raise UnknownIdError(f"unknown id(s): {unknown[:5]}")
+            with self._db:
+                self._db.executemany(
+                    "UPDATE chunks SET deleted = 1 WHERE row = ?", [(r,) for r in rows]
+                )
+            self._live_cache = None
+            return rows
 
-    def compact(self) -> dict[int, int]:
-        """Rewrite live rows into one new shard and a new SQLite file; returns old->new rows.
+    def compact(self, *, max_shard_bytes: int = COMPACT_SHARD_BYTES) -> dict[int, int]:
+        """Rewrite the live rows into new shards and a new SQLite file; returns old -> new rows.
 
-        The new files are complete before the manifest switches to them; old files are removed
-        only afterwards.
+        New files are complete before the manifest switches to them and old ones are removed
+        only afterwards, so a crash at any point leaves either the old or the new store. Memory
+        use is bounded by about `max_shard_bytes`. A store without tombstones and with at most
+        one shard is left as it is (identity mapping).
         """
-        self._require_writable()
-        live = self.live_rows()
-        mapping = {int(old): new for new, old in enumerate(live.tolist())}
-        chunks = self.get(live.tolist())
-        tensors: dict[str, Any] = {}
-        for name, spec in self.specs.items():
-            if spec.kind == "fixed":
-                tensors[name] = self.fixed(name)[live].clone()
-            else:
-                tensors[name] = [t.clone() for t in self.varlen(name, live.tolist())]
-        old_files = [self.path / s["file"] for s in self._manifest["shards"]]
-        old_db = self.path / self._manifest["sqlite"]
-        gen = int(self._manifest.get("generation", 0)) + 1
-        new_db_name = f"chunks-{gen}.sqlite"
-        new_db_path = self.path / new_db_name
-        new_db_path.unlink(missing_ok=True)
-        db = sqlite3.connect(new_db_path)
-        db.executescript(_SCHEMA)
-        with db:
-            db.executemany(
-                'INSERT INTO chunks (row, chunk_id, document_id, text, metadata, start, "end") '
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (i, c.id, c.document_id, c.text, _json_metadata(c.metadata, c.id), c.start, c.end)
-                    for i, c in enumerate(chunks)
-                ],
-            )
-        db.close()
-        new_shards = []
-        if chunks:
-            payload = self._validate_tensors(len(chunks), tensors)
-            name = f"shards/shard-{0:09d}-{uuid.uuid4().hex[:8]}.safetensors"
-            info = write_safetensors(self.path / name, payload, {"start": 0, "rows": len(chunks)})
-            new_shards.append({"file": name, "start": 0, "rows": len(chunks), **info})
+        with self._mutex:
+            self._begin_write()
+            live = self.live_rows().tolist()
+            mapping = {int(old): new for new, old in enumerate(live)}
+            if len(live) == self.num_rows and len(self._manifest["shards"]) <= 1:
+                return mapping
+            gen = int(self._manifest.get("generation", 0)) + 1
+            db_name = f"chunks-{gen}-{_uid()}.sqlite"
+            old_files = [self.path / s["file"] for s in self._manifest["shards"]]
+            old_db = self.path / self._manifest["sqlite"]
+            created: list[Path] = [self.path / db_name]
+            conn: sqlite3.Connection | None = None
+            before = self._manifest
+            try:
+                self._write_compacted_db(self.path / db_name, live)
+                shards = self._write_compacted_shards(live, max_shard_bytes, created)
+                new = self._next_manifest()
+                new.update(shards=shards, sqlite=db_name, num_rows=len(live))
+                maps = {s["file"]: self._map_shard(s, self.specs) for s in shards}
+                conn = self._connect(db_name)
+                self._commit(new)
+            except BaseException:
+                if self._manifest is not before and conn is not None:
+                    self._switch_to(conn, maps, [*old_files, old_db])  # committed after all
+                    raise
+                if conn is not None:
+                    conn.close()
+                for f in created:
+                    f.unlink(missing_ok=True)
+                raise
+            self._switch_to(conn, maps, [*old_files, old_db])
+            return mapping
+
+    def _switch_to(
+        self, conn: sqlite3.Connection, maps: dict[str, MappedFile], old_files: list[Path]
+    ) -> None:
+        """Install a committed compaction and delete the files it replaced."""
         self._db.close()
-        self._manifest["shards"] = new_shards
-        self._manifest["sqlite"] = new_db_name
-        self._manifest["num_rows"] = len(chunks)
-        self._commit_manifest()
-        self._db = self._connect()
-        self._shard_cache.clear()
-        for f in [*old_files, old_db]:
+        self._install(self._manifest, self.specs, conn, maps)
+        for f in old_files:
             f.unlink(missing_ok=True)
-        self._invalidate()
-        return mapping
+            if f.suffix == ".sqlite":
+                f.with_name(f.name + "-journal").unlink(missing_ok=True)
 
-    # ------------------------------------------------------------------ aux tensors / JSON
-    def put_aux(self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict | None = None) -> None:
-        """Store non-row tensors (a trained head, statistics) atomically under `aux/`."""
-        self._require_writable()
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise InvalidInputError(f"aux name must be alphanumeric with - or _, got {name!r}")
-        fname = f"aux/{name}-{uuid.uuid4().hex[:8]}.safetensors"
-        info = write_safetensors(self.path / fname, dict(tensors))
-        old = self._manifest.setdefault("aux", {}).get(name)
-        self._manifest["aux"][name] = {"file": fname, "meta": dict(meta or {}), **info}
-        self._commit_manifest()
-        if old:
-            (self.path / old["file"]).unlink(missing_ok=True)
+    def _write_compacted_db(self, dbpath: Path, live: list[int]) -> None:
+        with closing(sqlite3.connect(dbpath)) as db:
+            db.executescript(_SCHEMA)
+            with db:
+                for i in range(0, len(live), _BATCH):
+                    chunks = self.get(live[i : i + _BATCH])
+                    db.executemany(
+                        _INSERT,
+                        [
+                            (
+                                i + j,
+                                c.id,
+                                c.document_id,
+                                c.text,
+                                json_metadata(c.metadata, c.id),
+                                c.start,
+                                c.end,
+                            )
+                            for j, c in enumerate(chunks)
+                        ],
+                    )
+
+    def _write_compacted_shards(
+        self, live: list[int], max_bytes: int, created: list[Path]
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        pending: dict[str, list[torch.Tensor]] = {name: [] for name in self.specs}
+        state = {"rows": 0, "bytes": 0, "start": 0}
+
+        def flush() -> None:
+            k = state["rows"]
+            if not k:
+                return
+            tensors: dict[str, Any] = {}
+            for name, spec in self.specs.items():
+                parts = pending[name]
+                tensors[name] = torch.cat(parts, 0) if spec.kind == "fixed" else parts
+            payload = shard_payload(self.specs, k, tensors)
+            start = state["start"]
+            name = f"shards/shard-{start:09d}-{_uid()}.safetensors"
+            created.append(self.path / name)
+            info = write_safetensors(
+                self.path / name, payload, {"format": FORMAT_NAME, "start": start, "rows": k}
+            )
+            out.append({"file": name, "start": start, "rows": k, **info})
+            for parts in pending.values():
+                parts.clear()
+            state.update(rows=0, bytes=0, start=start + k)
+
+        live_arr = np.asarray(live, dtype=np.int64)
+        for entry in self._manifest["shards"]:
+            lo, hi = entry["start"], entry["start"] + entry["rows"]
+            local = live_arr[(live_arr >= lo) & (live_arr < hi)] - lo
+            if local.size == 0:
+                continue
+            data = self._maps[entry["file"]].tensors
+            idx = torch.from_numpy(local)
+            for name, spec in self.specs.items():
+                if spec.kind == "fixed":
+                    part = data[name][idx]
+                    pending[name].append(part)
+                    state["bytes"] += part.numel() * part.element_size()
+                else:
+                    off = data[f"{name}.offsets"].numpy()
+                    flat = data[name]
+                    for r in local.tolist():
+                        piece = flat[int(off[r]) : int(off[r + 1])].clone()
+                        pending[name].append(piece)
+                        state["bytes"] += piece.numel() * piece.element_size()
+            state["rows"] += int(local.size)
+            if state["bytes"] >= max_bytes:
+                flush()
+        flush()
+        return out
+
+    # ------------------------------------------------------------------ aux tensors
+    def put_aux(
+        self, name: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+    ) -> None:
+        """Store non-row tensors (a trained head, statistics) with JSON `meta` under `aux/`,
+        atomically replacing an earlier entry of the same name."""
+        with self._mutex:
+            self._begin_write()
+            check_name(name, "aux")
+            if not isinstance(tensors, Mapping):
+                raise InvalidInputError("aux tensors must be a mapping of name -> tensor")
+            meta_json = json_copy(dict(meta or {}), f"meta of aux {name!r}")
+            fname = f"aux/{name}-{_uid()}.safetensors"
+            info = write_safetensors(self.path / fname, dict(tensors))
+            new = self._next_manifest()
+            old = new.setdefault("aux", {}).get(name)
+            new["aux"][name] = {"file": fname, "meta": meta_json, **info}
+            before = self._manifest
+            try:
+                self._commit(new)
+            except BaseException:
+                if self._manifest is before:
+                    (self.path / fname).unlink(missing_ok=True)
+                raise
+            if old:
+                (self.path / old["file"]).unlink(missing_ok=True)
 
     def get_aux(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """``(tensors, meta)`` of an aux entry (tensors memory-mapped), or None if absent."""
         entry = self._manifest.get("aux", {}).get(name)
         if entry is None:
             return None
-        tensors = mmap_safetensors(self.path / entry["file"], expected_bytes=entry["bytes"])
-        return tensors, dict(entry.get("meta", {}))
+        mapped = MappedFile(self.path / entry["file"], expected_bytes=entry["bytes"])
+        return mapped.tensors, json.loads(json.dumps(entry.get("meta", {})))
+
+    def aux_names(self) -> list[str]:
+        return sorted(self._manifest.get("aux", {}))
+
+    def delete_aux(self, name: str) -> bool:
+        """Remove an aux entry; returns whether it existed."""
+        with self._mutex:
+            self._begin_write()
+            new = self._next_manifest()
+            old = new.get("aux", {}).pop(name, None)
+            if old is None:
+                return False
+            self._commit(new)
+            (self.path / old["file"]).unlink(missing_ok=True)
+            return True
 
     # ------------------------------------------------------------------ reading tensors
     def _invalidate(self) -> None:
-        self._fixed_cache.clear()
+        self._fixed_cache = {}
         self._live_cache = None
-
-    def _shard(self, shard: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        f = shard["file"]
-        if f not in self._shard_cache:
-            self._shard_cache[f] = mmap_safetensors(self.path / f, expected_bytes=shard["bytes"])
-        return self._shard_cache[f]
 
     def _spec(self, name: str, kind: str) -> TensorSpec:
         spec = self.specs.get(name)
@@ -537,93 +797,118 @@ class EncodedChunkStore:
             raise InvalidInputError(f"store has no {kind} tensor named {name!r}")
         return spec
 
+    def _shard_data(self, entry: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        self._db  # noqa: B018 - raises if closed
+        return self._maps[entry["file"]].tensors
+
     def fixed(self, name: str) -> torch.Tensor:
         """All rows of a fixed-size tensor, ``(num_rows, *shape)``, tombstones included.
 
-        One shard is returned as a zero-copy memory map; several are concatenated once and cached.
+        One shard is returned as a zero-copy memory map; several are concatenated once and
+        cached. The result is shared: clone it before modifying it in place.
         """
         spec = self._spec(name, "fixed")
-        if name not in self._fixed_cache:
-            parts = [self._shard(s)[name] for s in self._manifest["shards"]]
-            if not parts:
-                t = torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
-            elif len(parts) == 1:
-                t = parts[0]
-            else:
-                t = torch.cat(parts, 0)
-            self._fixed_cache[name] = t
-        return self._fixed_cache[name]
+        with self._mutex:
+            if name not in self._fixed_cache:
+                parts = [self._shard_data(s)[name] for s in self._manifest["shards"]]
+                if not parts:
+                    t = torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
+                elif len(parts) == 1:
+                    t = parts[0]
+                else:
+                    t = torch.cat(parts, 0)
+                self._fixed_cache[name] = t
+            return self._fixed_cache[name]
 
-    def _locate(self, row: int) -> tuple[Mapping[str, Any], int]:
-        shards = self._manifest["shards"]
-        starts = [s["start"] for s in shards]
-        idx = int(np.searchsorted(starts, row, side="right")) - 1
-        if idx < 0 or row >= self.num_rows:
-            raise UnknownIdError(f"row {row} is out of range (store has {self.num_rows} rows)")
-        return shards[idx], row - shards[idx]["start"]
+    def _check_rows_in_range(self, rows: np.ndarray) -> None:
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
+            bad = rows[(rows < 0) | (rows >= self.num_rows)][:5].tolist()
+            raise UnknownIdError(f"rows {bad} are out of range (store has {self.num_rows} rows)")
 
     def varlen(self, name: str, rows: Iterable[int]) -> list[torch.Tensor]:
-        """Per-row views ``(len_i, *shape)`` of a variable-length tensor."""
+        """Per-row zero-copy views ``(len_i, *shape)`` of a variable-length tensor, in the
+        order of `rows` (tombstoned rows included)."""
         self._spec(name, "varlen")
-        out = []
-        for row in rows:
-            shard, local = self._locate(int(row))
-            data = self._shard(shard)
-            offsets = data[f"{name}.offsets"]
-            out.append(data[name][int(offsets[local]) : int(offsets[local + 1])])
-        return out
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
+        arr = np.fromiter((int(r) for r in rows), dtype=np.int64)
+        self._check_rows_in_range(arr)
+        with self._mutex:
+            shards = self._manifest["shards"]
+            which = np.searchsorted(self._starts, arr, side="right") - 1
+            cache: dict[int, tuple[torch.Tensor, np.ndarray, int]] = {}
+            out = []
+            for row, s in zip(arr.tolist(), which.tolist(), strict=True):
+                if s not in cache:
+                    data = self._shard_data(shards[s])
+                    cache[s] = (data[name], data[f"{name}.offsets"].numpy(), shards[s]["start"])
+                flat, off, start = cache[s]
+                local = row - start
+                out.append(flat[int(off[local]) : int(off[local + 1])])
+            return out
 
     def varlen_lengths(self, name: str) -> torch.Tensor:
+        """``(num_rows,)`` int64 lengths of a variable-length tensor."""
         self._spec(name, "varlen")
-        parts = [torch.diff(self._shard(s)[f"{name}.offsets"]) for s in self._manifest["shards"]]
+        with self._mutex:
+            parts = [
+                torch.diff(self._shard_data(s)[f"{name}.offsets"]) for s in self._manifest["shards"]
+            ]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     # ------------------------------------------------------------------ reading rows
+    def _rows_to_mask(self, rows: list[tuple]) -> torch.Tensor:
+        mask = torch.zeros(self.num_rows, dtype=torch.bool)
+        if rows:
+            idx = np.fromiter((r for (r,) in rows), dtype=np.int64, count=len(rows))
+            mask[torch.from_numpy(idx)] = True
+        return mask
+
     def live_mask(self) -> torch.Tensor:
-        """Boolean ``(num_rows,)``: True for rows that are not tombstoned."""
-        if self._live_cache is None:
-            mask = torch.zeros(self.num_rows, dtype=torch.bool)
-            rows = [r for (r,) in self._db.execute("SELECT row FROM chunks WHERE deleted = 0")]
-            if rows:
-                mask[torch.tensor(rows, dtype=torch.long)] = True
-            self._live_cache = mask
-        return self._live_cache
+        """Boolean ``(num_rows,)``: True for rows that are not tombstoned (a fresh copy)."""
+        with self._mutex:
+            ((version,),) = self._query("PRAGMA data_version")
+            if self._live_cache is None or version != self._data_version:
+                rows = self._query(
+                    "SELECT row FROM chunks WHERE deleted = 0 AND row < ?", (self.num_rows,)
+                )
+                self._live_cache = self._rows_to_mask(rows)
+                self._data_version = version
+            return self._live_cache.clone()
 
     def live_rows(self) -> torch.Tensor:
+        """Indices of the live rows, ascending."""
         return torch.nonzero(self.live_mask(), as_tuple=False).flatten()
 
     def candidate_mask(self, flt: Mapping[str, Any] | None) -> torch.Tensor:
-        """Live rows that pass a metadata filter (see `intrinsic_retrieval.filters`)."""
-        if not flt:
+        """Live rows that pass a metadata filter (see `intrinsic_retrieval.filters`); raises
+        `InvalidFilterError` for a filter that does not compile."""
+        if flt is None or (isinstance(flt, Mapping) and not flt):
             return self.live_mask()
-        where, params = compile_filter(dict(flt))
-        mask = torch.zeros(self.num_rows, dtype=torch.bool)
+        where, params = compile_filter(flt)
         try:
-            rows = [
-                r
-                for (r,) in self._db.execute(
-                    f"SELECT row FROM chunks WHERE deleted = 0 AND {where}", params
-                )
-            ]
-        except sqlite3.Error as exc:
-            from ..errors import InvalidFilterError
-
-            raise InvalidFilterError(f"filter {dict(flt)!r} could not be evaluated: {exc}") from exc
-        if rows:
-            mask[torch.tensor(rows, dtype=torch.long)] = True
-        return mask
+            rows = self._query(
+                f"SELECT row FROM chunks WHERE deleted = 0 AND row < ? AND ({where})",
+                [self.num_rows, *params],
+            )
+        except (sqlite3.Error, OverflowError) as exc:
+            raise InvalidFilterError(f"filter {flt!r} could not be evaluated: {exc}") from exc
+        return self._rows_to_mask(rows)
 
     def get(self, rows: Iterable[int]) -> list[Chunk]:
-        """Chunks for rows, in the order given."""
+        """Chunks for rows, in the order given (tombstoned rows included)."""
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
         rows = [int(r) for r in rows]
         found: dict[int, Chunk] = {}
-        for i in range(0, len(rows), 500):
-            part = rows[i : i + 500]
+        n = self.num_rows
+        for i in range(0, len(rows), _BATCH):
+            part = rows[i : i + _BATCH]
             q = (
-                'SELECT row, chunk_id, document_id, text, metadata, start, "end" FROM chunks '
-                f"WHERE row IN ({','.join('?' * len(part))})"
+                f"SELECT {_COLUMNS} FROM chunks WHERE row < ? AND "
+                f"row IN ({','.join('?' * len(part))})"
             )
-            for row, cid, did, text, meta, s, e in self._db.execute(q, part):
+            for row, cid, did, text, meta, s, e in self._query(q, [n, *part]):
                 found[row] = Chunk(cid, did, text, json.loads(meta), s, e)
         missing = [r for r in rows if r not in found]
         if missing:
@@ -631,67 +916,194 @@ class EncodedChunkStore:
         return [found[r] for r in rows]
 
     def row_of(self, chunk_id: str) -> int:
-        r = self._db.execute("SELECT row FROM chunks WHERE chunk_id = ?", (chunk_id,)).fetchone()
-        if r is None:
+        """Row of a chunk id: the live one, else the most recent tombstoned one."""
+        r = self._query(
+            "SELECT row FROM chunks WHERE chunk_id = ? AND row < ? ORDER BY deleted, row DESC "
+            "LIMIT 1",
+            (chunk_id, self.num_rows),
+        )
+        if not r:
             raise UnknownIdError(f"unknown chunk id {chunk_id!r}")
-        return int(r[0])
+        return int(r[0][0])
 
-    def iter_chunks(self, *, live_only: bool = True) -> Iterable[tuple[int, Chunk]]:
-        q = 'SELECT row, chunk_id, document_id, text, metadata, start, "end" FROM chunks'
+    def iter_chunks(self, *, live_only: bool = True) -> Iterator[tuple[int, Chunk]]:
+        """``(row, chunk)`` in row order, read in batches."""
+        q = f"SELECT {_COLUMNS} FROM chunks WHERE row >= ? AND row < ?"
         if live_only:
-            q += " WHERE deleted = 0"
-        for row, cid, did, text, meta, s, e in self._db.execute(q + " ORDER BY row"):
-            yield int(row), Chunk(cid, did, text, json.loads(meta), s, e)
+            q += " AND deleted = 0"
+        q += " ORDER BY row LIMIT ?"
+        n = self.num_rows
+        pos = 0
+        while pos < n:
+            batch = self._query(q, (pos, n, 1000))
+            if not batch:
+                return
+            for row, cid, did, text, meta, s, e in batch:
+                yield int(row), Chunk(cid, did, text, json.loads(meta), s, e)
+            pos = int(batch[-1][0]) + 1
 
     # ------------------------------------------------------------------ integrity and copying
     def verify(self) -> None:
-        """Check every file against its manifest checksum and SQLite integrity; raise on the
-        first problem, naming the file."""
-        for entry in [*self._manifest["shards"], *self._manifest.get("aux", {}).values()]:
-            f = self.path / entry["file"]
-            if not f.exists():
-                raise StoreCorruptedError(f, "file is missing")
-            if f.stat().st_size != entry["bytes"]:
-                raise StoreCorruptedError(f, f"size {f.stat().st_size} != manifest {entry['bytes']}")
-            if file_sha256(f) != entry["sha256"]:
-                raise StoreCorruptedError(f, "sha256 checksum does not match the manifest")
-            mmap_safetensors(f, expected_bytes=entry["bytes"])
-        (res,) = self._db.execute("PRAGMA integrity_check").fetchone()
-        if res != "ok":
-            raise StoreCorruptedError(self.path / self._manifest["sqlite"], f"SQLite: {res}")
+        """Check everything the manifest promises, reading every byte; raise
+        `StoreCorruptedError` naming the file at the first problem.
+
+        Checks each shard and aux file (present, size, sha256, header, shapes and dtypes against
+        the specs, offsets tables monotonic), SQLite (``PRAGMA integrity_check``, exactly
+        ``num_rows`` committed rows, valid JSON metadata). SQLite rows at or beyond
+        ``num_rows`` are not an error: they are an uncommitted append that readers ignore and
+        the next writable open discards.
+        """
+        with self._mutex:
+            manifest = self._manifest
+            for entry in [*manifest["shards"], *manifest.get("aux", {}).values()]:
+                f = self.path / entry["file"]
+                if not f.is_file():
+                    raise StoreCorruptedError(f, "file is missing")
+                if f.stat().st_size != entry["bytes"]:
+                    raise StoreCorruptedError(
+                        f, f"size {f.stat().st_size} != manifest {entry['bytes']}"
+                    )
+                if file_sha256(f) != entry["sha256"]:
+                    raise StoreCorruptedError(f, "sha256 checksum does not match the manifest")
+            for entry in manifest["shards"]:
+                mapped = self._map_shard(entry, self.specs)
+                for name, spec in self.specs.items():
+                    if spec.kind == "varlen":
+                        off = mapped.tensors[f"{name}.offsets"]
+                        if off.numel() > 1 and bool((off[1:] < off[:-1]).any()):
+                            raise StoreCorruptedError(
+                                self.path / entry["file"], f"offsets of {name!r} decrease"
+                            )
+            for entry in manifest.get("aux", {}).values():
+                MappedFile(self.path / entry["file"], expected_bytes=entry["bytes"])
+            dbpath = self.path / manifest["sqlite"]
+            try:
+                checks = [r[0] for r in self._query("PRAGMA integrity_check")]
+                if checks != ["ok"]:
+                    raise StoreCorruptedError(dbpath, f"SQLite integrity: {'; '.join(checks[:3])}")
+                self._check_rows(self._db, manifest)
+                ((bad,),) = self._query(
+                    "SELECT count(*) FROM chunks WHERE row < ? AND NOT json_valid(metadata)",
+                    (self.num_rows,),
+                )
+            except sqlite3.Error as exc:
+                raise StoreCorruptedError(dbpath, f"SQLite error: {exc}") from exc
+            if bad:
+                raise StoreCorruptedError(dbpath, f"{bad} rows hold invalid JSON metadata")
 
     def copy_to(self, dest: str | PathLike[str], *, overwrite: bool = True) -> Path:
-        """Copy the committed store to `dest` atomically (a complete directory appears at once)."""
+        """Copy the committed store to `dest` atomically; returns `dest`.
+
+        A new `dest` appears complete at once (built in a temporary sibling, then renamed). An
+        existing store at `dest` is replaced with the store's own commit protocol: the copied
+        files land under new names, the manifest switches last, then the old files go; a crash
+        or error leaves the old store intact. Copied shard bytes are checked against their
+        sha256 on the way, so corruption is never propagated into a backup. Refuses a `dest`
+        that exists and is not a store (unless empty) and one another process is writing.
+        """
         dest = Path(dest)
-        if dest.resolve() == self.path.resolve():
-            return dest
-        if dest.exists() and not overwrite:
-            raise StoreError(f"{dest} exists")
-        if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).exists():
-            raise StoreError(f"refusing to overwrite {dest}: it exists and is not a store")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            files = [self._manifest["sqlite"], *(s["file"] for s in self._manifest["shards"])]
-            files += [a["file"] for a in self._manifest.get("aux", {}).values()]
-            for rel in files:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                if rel == self._manifest["sqlite"]:
-                    with sqlite3.connect(tmp / rel) as out:
-                        self._db.backup(out)
-                    out.close()
-                else:
-                    shutil.copyfile(self.path / rel, tmp / rel)
-            (tmp / "shards").mkdir(exist_ok=True)
-            atomic_write_json(tmp / MANIFEST, self._manifest)
+        with self._mutex:
+            self._db  # noqa: B018 - raises if closed
+            if dest.exists() and dest.resolve() == self.path.resolve():
+                return dest
             if dest.exists():
-                backup = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:6]}")
-                dest.rename(backup)
-                tmp.rename(dest)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                tmp.rename(dest)
+                if not dest.is_dir():
+                    raise StoreError(f"refusing to overwrite {dest}: it is not a directory")
+                is_store = (dest / MANIFEST).exists()
+                if is_store and not overwrite:
+                    raise StoreError(f"a store exists at {dest} and overwrite=False")
+                if not is_store and any(dest.iterdir()):
+                    raise StoreError(f"refusing to overwrite {dest}: it exists and is not a store")
+                key = lock.acquire(dest)
+                try:
+                    self._copy_into(dest)
+                finally:
+                    lock.release(key)
+                return dest
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            try:
+                self._copy_into(tmp)
+                os.rename(tmp, dest)
+            except BaseException:
+                _rmtree(tmp)
+                raise
+            fsync_dir(dest.parent)
+            return dest
+
+    def _copy_into(self, root: Path) -> None:
+        try:
+            old = read_manifest(root)
+            listed = {
+                e["file"]: e["sha256"] for e in [*old["shards"], *old.get("aux", {}).values()]
+            }
+        except StoreError:
+            listed = {}
+        (root / "shards").mkdir(exist_ok=True)
+        new = self._next_manifest()
+        db_name = f"chunks-{int(new.get('generation', 0))}-{_uid()}.sqlite"
+        tmp_db = root / f".{db_name}.tmp"
+        try:
+            with closing(sqlite3.connect(tmp_db)) as out:
+                self._db.backup(out)
+                with out:
+                    out.execute("DELETE FROM chunks WHERE row >= ?", (self.num_rows,))
+            os.replace(tmp_db, root / db_name)
+            for entry in new["shards"]:
+                entry["file"] = self._copy_file(entry, root, listed, self._maps[entry["file"]])
+            for entry in new.get("aux", {}).values():
+                entry["file"] = self._copy_file(entry, root, listed, None)
+            fsync_dir(root / "shards")
+            new["sqlite"] = db_name
+            new["commit_id"] = _uid()
+            atomic_write_json(root / MANIFEST, new)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp_db.unlink(missing_ok=True)
+            (root / db_name).unlink(missing_ok=True)
             raise
-        return dest
+        _remove_orphans(root, new)
+
+    def _copy_file(
+        self,
+        entry: Mapping[str, Any],
+        root: Path,
+        listed: Mapping[str, str],
+        mapped: MappedFile | None,
+    ) -> str:
+        """Copy one shard/aux file into `root`, checking its sha256; returns its name there."""
+        rel = entry["file"]
+        if rel in listed and listed[rel] != entry["sha256"]:
+            folder, base = rel.split("/", 1)
+            rel = f"{folder}/{base.rsplit('-', 1)[0]}-{_uid()}.safetensors"
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        h = hashlib.sha256()
+        src = self.path / entry["file"]
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if mapped is not None:
+                    mapped.read_bytes_into(out, h)
+                else:
+                    with open(src, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 24), b""):
+                            h.update(block)
+                            out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if h.hexdigest() != entry["sha256"]:
+                raise StoreCorruptedError(src, "sha256 checksum does not match the manifest")
+            os.replace(tmp, target)
+        except FileNotFoundError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreCorruptedError(src, "file is missing") from exc
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return rel
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

