@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    CheckpointMismatchError,
     ConcurrentWriteError,
     DimensionMismatchError,
+    DocidVocabularyError,
     DuplicateIdError,
     EmptyCorpusError,
     EmptyQueryError,
+    IdSpaceExhaustedError,
     InvalidFilterError,
     InvalidInputError,
     ModelLoadError,
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
     from .retrievers.base import StoreRetriever
     from .retrievers.bm25 import BM25Retriever
     from .retrievers.dense import DenseRetriever
+    from .retrievers.generative import GenerativeDocidRetriever
+    from .retrievers.incontext import InContextRetriever
+    from .retrievers.intra import IntraRetriever
     from .store import EncodedChunkStore, TensorSpec
 
 __version__ = "0.1.0"
@@ -43,6 +49,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "BM25Retriever": ".retrievers.bm25",
     "DenseRetriever": ".retrievers.dense",
+    "IntraRetriever": ".retrievers.intra",
+    "InContextRetriever": ".retrievers.incontext",
+    "GenerativeDocidRetriever": ".retrievers.generative",
     "StoreRetriever": ".retrievers.base",
     "EncodedChunkStore": ".store",
     "TensorSpec": ".store",
@@ -60,18 +69,24 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BM25Retriever",
+    "CheckpointMismatchError",
     "Chunk",
     "Chunker",
     "ConcurrentWriteError",
     "DenseRetriever",
     "DimensionMismatchError",
+    "DocidVocabularyError",
     "Document",
     "DuplicateIdError",
     "EmptyCorpusError",
     "EmptyQueryError",
     "EncodedChunkStore",
     "Filter",
+    "GenerativeDocidRetriever",
     "Hit",
+    "IdSpaceExhaustedError",
+    "InContextRetriever",
+    "IntraRetriever",
     "InvalidFilterError",
     "InvalidInputError",
     "ModelLoadError",

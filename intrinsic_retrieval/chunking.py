@@ -79,7 +79,9 @@ class Chunker:
                 cut = next((j for j in range(last, first, -1) if starts_word[j + 1]), last)
                 last = cut
             start, end = spans[first][0], spans[last][1]
-            chunks.append(Chunk(f"{doc.id}#{len(chunks)}", doc.id, text[start:end], meta, start, end))
+            chunks.append(
+                Chunk(f"{doc.id}#{len(chunks)}", doc.id, text[start:end], meta, start, end)
+            )
             if last >= n - 1:
                 return chunks
             nxt = max(first + 1, last + 1 - self.overlap)

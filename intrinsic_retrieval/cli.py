@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="index the project docs (and SciFact if present) and search")
     s.add_argument("--docs", default="docs")
     s.add_argument("--scifact", default="../shared/data/scifact")
-    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--limit", type=int, default=300)
     s.add_argument("--retriever", default="bm25,dense")
     s.add_argument("-k", type=int, default=3)
     s.set_defaults(func=cmd_demo)

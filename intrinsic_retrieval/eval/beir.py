@@ -30,6 +30,19 @@ class BeirDataset:
         """Queries that have at least one judgement in the loaded split."""
         return {qid: q for qid, q in self.queries.items() if qid in self.qrels}
 
+    def sample_queries(self, n_queries: int, *, seed: int = 0) -> BeirDataset:
+        """Keep `n_queries` random judged queries (and their qrels); the corpus is unchanged.
+        Combine with `subset` for small, fast evaluation sets."""
+        qids = sorted(self.judged_queries())
+        random.Random(seed).shuffle(qids)
+        keep = set(qids[:n_queries])
+        return BeirDataset(
+            name=f"{self.name}[q{len(keep)}]",
+            corpus=self.corpus,
+            queries={q: t for q, t in self.queries.items() if q in keep},
+            qrels={q: r for q, r in self.qrels.items() if q in keep},
+        )
+
     def subset(self, n_docs: int, *, seed: int = 0) -> BeirDataset:
         """All documents judged relevant for the loaded split plus random others, up to
         `n_docs` (the positives are always kept, so the subset may be larger)."""

@@ -115,7 +115,10 @@ def _cache_key(model: torch.nn.Module) -> tuple[Any, ...]:
 def model_fingerprint(model: torch.nn.Module, *, refresh: bool = False) -> str:
     """Stable hex digest of (class, architecture config, weights).
 
-    Cached on the model; the cache is invalidated automatically when weights change.
+    Cached on the model; the cache is invalidated automatically when weights are replaced,
+    moved, cast or changed in place through autograd-visible ops. Writes through ``.data``
+    (e.g. peft's ``merge_and_unload``) do not bump tensor versions and are invisible to the
+    cache: pass ``refresh=True`` after such edits.
     """
     key = _cache_key(model)
     cached = getattr(model, _CACHE_ATTR, None)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "bm25": ".bm25:BM25Retriever",
     "dense": ".dense:DenseRetriever",
+    "intra": ".intra:IntraRetriever",
+    "incontext": ".incontext:InContextRetriever",
+    "generative": ".generative:GenerativeDocidRetriever",
 }
 
 

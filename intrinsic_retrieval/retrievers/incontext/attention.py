@@ -1,0 +1,262 @@
+"""The query pass: query tokens attend to every stored document block plus themselves.
+
+Attention over the corpus is computed in streaming fashion, `block_docs` documents at a time,
+merging partial results with the online-softmax (log-sum-exp) rule, so peak memory is set by one
+block batch rather than by the corpus. Per-document log-sum-exps give each document's exact share
+of the attention mass (the zero-shot readout) at no extra cost.
+
+Two length-aware options from the paper:
+
+* scalable softmax — logits at layer l are multiplied by ``s_l * log(n)``, n = keys attended
+  (``count="tokens"``) or blocks attended (``count="docs"``);
+* document-level routing — at one layer, documents are scored by QK-MaxSim (for each query token
+  and head the max logit over the document's tokens, summed over tokens, averaged over heads); only
+  the top-B documents are attended to by later layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import DecoderAdapter
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-vector int8 over the last dim: (codes int8, scale float16)."""
+    scale = x.float().abs().amax(-1).clamp(min=1e-8) / 127.0
+    q = torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.to(torch.float16)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[..., None]
+
+
+class CorpusKV:
+    """Stored blocks held layer-major: per layer one flat ``(total_tokens, Hkv, D)`` tensor.
+
+    Built from per-document ``(T, L, Hkv, D)`` tensors (float, or int8 with ``(T, L, Hkv)``
+    scales). Tensors may require grad (training reuses the query pass).
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        k_scales: Sequence[torch.Tensor] | None = None,
+        v_scales: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        if not keys:
+            raise ValueError("CorpusKV needs at least one block")
+        self.num_layers = int(keys[0].shape[1])
+        self.lengths = torch.tensor([int(k.shape[0]) for k in keys], dtype=torch.long)
+        self.offsets = torch.zeros(len(keys) + 1, dtype=torch.long)
+        self.offsets[1:] = torch.cumsum(self.lengths, 0)
+        self.k = [torch.cat([k[:, layer] for k in keys]) for layer in range(self.num_layers)]
+        self.v = [torch.cat([v[:, layer] for v in values]) for layer in range(self.num_layers)]
+        self.ks = self.vs = None
+        if k_scales is not None and v_scales is not None:
+            self.ks = [
+                torch.cat([s[:, layer] for s in k_scales]) for layer in range(self.num_layers)
+            ]
+            self.vs = [
+                torch.cat([s[:, layer] for s in v_scales]) for layer in range(self.num_layers)
+            ]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [*self.k, *self.v, *(self.ks or []), *(self.vs or [])]
+        return sum(p.numel() * p.element_size() for p in parts)
+
+    def batch(
+        self, layer: int, docs: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``(n, Tmax, Hkv, D)`` (float32) and validity ``(n, Tmax)`` of `docs`."""
+        lens = self.lengths[docs]
+        width = int(lens.max())
+        ar = torch.arange(width)
+        valid = ar[None, :] < lens[:, None]
+        idx = torch.where(valid, self.offsets[docs][:, None] + ar[None, :], 0)
+        k, v = self.k[layer][idx], self.v[layer][idx]
+        if self.ks is not None and self.vs is not None:
+            k = dequantize_int8(k, self.ks[layer][idx])
+            v = dequantize_int8(v, self.vs[layer][idx])
+        return k.to(device).float(), v.to(device).float(), valid.to(device)
+
+
+@dataclass
+class QueryCache:
+    """The query's own keys/values per layer ``(B, Hkv, t, D)`` for incremental decoding."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+    def select(self, rows: torch.Tensor) -> QueryCache:
+        return QueryCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length)
+
+
+@dataclass
+class QueryResult:
+    hidden: torch.Tensor  # residual stream after the last layer run, (B, Tq, d)
+    cache: QueryCache
+    #: layer -> (document indices, mass (B, H, n)): mean over the readout tokens of each
+    #: head's attention probability summed over the document's tokens
+    masses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    routed: torch.Tensor | None = None  # document indices kept by routing, best first
+    route_scores: torch.Tensor | None = None  # QK-MaxSim of every document at the routing layer
+
+
+def _ssmax_factor(
+    s: float | None, count: str, n_doc_tokens: int, n_docs: int, self_visible: torch.Tensor
+) -> torch.Tensor | None:
+    if s is None:
+        return None
+    if count == "docs":
+        n = torch.full_like(self_visible, n_docs + 1, dtype=torch.float32)
+    else:
+        n = (self_visible + n_doc_tokens).float()
+    return s * torch.log(n.clamp(min=2.0))
+
+
+def query_pass(
+    adapter: DecoderAdapter,
+    corpus: CorpusKV,
+    input_ids: torch.Tensor,
+    *,
+    q_offset: int,
+    num_layers: int,
+    docs: torch.Tensor | None = None,
+    cache: QueryCache | None = None,
+    block_docs: int = 64,
+    ssmax: Sequence[float | None] | None = None,
+    ssmax_count: str = "tokens",
+    route_layer: int | None = None,
+    route_top: int | None = None,
+    routed: torch.Tensor | None = None,
+    mass_layers: Sequence[int] = (),
+    mass_tokens: torch.Tensor | None = None,
+    start_layer: int = 0,
+    hidden: torch.Tensor | None = None,
+) -> QueryResult:
+    """Run `input_ids` ``(B, Tq)`` (positions ``q_offset + cache.length + i``) through layers
+    ``0..num_layers-1`` attending to `docs` (default: all blocks of `corpus`) and, causally, to
+    themselves. With `route_layer`/`route_top`, layers after the routing layer attend only to the
+    top documents; pass `routed` to reuse an earlier routing decision (decoding steps).
+    `start_layer` with `hidden` (the residual stream entering it) resumes a pass part-way; the
+    returned cache then holds only the layers run."""
+    dev = adapter.device
+    bsz, tq = input_ids.shape
+    past = cache.length if cache is not None else 0
+    pos = (q_offset + past + torch.arange(tq, device=dev)).expand(bsz, tq)
+    active = docs if docs is not None else torch.arange(len(corpus))
+    h = adapter.embed(input_ids.to(dev)) if hidden is None else hidden
+    result = QueryResult(hidden=h, cache=QueryCache(length=past + tq))
+    mass_set = set(mass_layers)
+    qi = torch.arange(tq, device=dev)
+    for layer in range(start_layer, num_layers):
+        if routed is not None and route_layer is not None and layer > route_layer:
+            active = routed
+        q, k, v = adapter.qkv(layer, h, pos)
+        if cache is not None and cache.keys:
+            k = torch.cat([cache.keys[layer - start_layer], k], dim=2)
+            v = torch.cat([cache.values[layer - start_layer], v], dim=2)
+        result.cache.keys.append(k)
+        result.cache.values.append(v)
+        hkv, dim = k.shape[1], k.shape[-1]
+        g = q.shape[1] // hkv
+        qg = q.float().reshape(bsz, hkv, g, tq, dim)
+        scale, cap, window = (
+            adapter.scaling(layer),
+            adapter.softcap(layer),
+            adapter.sliding_window(layer),
+        )
+        n_doc_tok = int(corpus.lengths[active].sum())
+        s_l = ssmax[layer] if ssmax is not None and layer < len(ssmax) else None
+        factor = _ssmax_factor(s_l, ssmax_count, n_doc_tok, len(active), past + qi + 1)
+
+        def adjust(
+            logits: torch.Tensor,
+            qdim: int,
+            scale: float = scale,
+            cap: float | None = cap,
+            factor: torch.Tensor | None = factor,
+        ) -> torch.Tensor:
+            logits = logits * scale
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+            if factor is not None:
+                shape = [1] * logits.dim()
+                shape[qdim] = tq
+                logits = logits * factor.view(shape)
+            return logits
+
+        # the query's own tokens (causal, and within the sliding window if any)
+        ls = adjust(torch.einsum("bhgqd,bhsd->bhgqs", qg, k.float()), 3)
+        kpos = torch.arange(k.shape[2], device=dev)
+        vis = kpos[None, :] <= (past + qi)[:, None]
+        if window is not None:
+            vis = vis & ((past + qi)[:, None] - kpos[None, :] < window)
+        ls = ls.masked_fill(~vis, float("-inf"))
+        run_lse = torch.logsumexp(ls, -1)
+        out = torch.einsum("bhgqs,bhsd->bhgqd", torch.exp(ls - run_lse[..., None]), v.float())
+
+        doc_lse: list[torch.Tensor] = []
+        route_parts: list[torch.Tensor] = []
+        tpos_cache: dict[int, torch.Tensor] = {}
+        for start in range(0, len(active), block_docs):
+            chunk = active[start : start + block_docs]
+            kb, vb, valid = corpus.batch(layer, chunk, dev)
+            width = kb.shape[1]
+            lg = adjust(torch.einsum("bhgqd,nthd->bhgqnt", qg, kb), 3)
+            mask = valid[None, :, :].expand(tq, -1, -1)  # (q, n, t)
+            if window is not None:
+                tpos = tpos_cache.setdefault(width, torch.arange(width, device=dev))
+                near = (q_offset + past + qi)[:, None] - tpos[None, :] < window
+                mask = mask & near[:, None, :]
+            lg = lg.masked_fill(~mask, float("-inf"))
+            if layer == route_layer:
+                best = lg.amax(-1)  # (b, h, g, q, n)
+                best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+                route_parts.append(best.sum(3).mean((1, 2)).sum(0))
+            lse_d = torch.logsumexp(lg, -1)  # (b, h, g, q, n)
+            lse_b = torch.logsumexp(lse_d, -1)
+            safe = torch.where(torch.isfinite(lse_b), lse_b, torch.zeros_like(lse_b))
+            ob = torch.einsum("bhgqnt,nthd->bhgqd", torch.exp(lg - safe[..., None, None]), vb)
+            new = torch.logaddexp(run_lse, lse_b)
+            out = out * torch.exp(run_lse - new)[..., None] + ob * torch.exp(safe - new)[..., None]
+            run_lse = new
+            if layer in mass_set:
+                doc_lse.append(lse_d)
+        if doc_lse:
+            mass = torch.exp(torch.cat(doc_lse, -1) - run_lse[..., None])  # (b, hkv, g, q, n)
+            mass = mass.reshape(bsz, hkv * g, tq, -1)
+            sel = mass if mass_tokens is None else mass[:, :, mass_tokens]
+            result.masses[layer] = (active, sel.mean(2))
+        attn = out.reshape(bsz, hkv * g, tq, dim).transpose(1, 2).reshape(bsz, tq, -1)
+        h = adapter.finish(layer, h, attn.to(h.dtype))
+        if layer == route_layer and route_parts and routed is None:
+            scores = torch.cat(route_parts)
+            top = torch.topk(scores, min(route_top or len(active), len(active)))
+            result.route_scores = torch.full((len(corpus),), float("-inf"))
+            result.route_scores[active] = scores.detach().cpu()
+            routed = active[top.indices.cpu()]
+            result.routed = routed
+            active = routed
+    result.hidden = h
+    return result
+
+
+def default_ssmax(num_layers: int, reference_tokens: int) -> list[float | None]:
+    """Zero-shot scalable softmax: ``s_l = 1 / log(reference)`` on every layer, so logits are
+    scaled by ``log(n) / log(reference)`` — unchanged at the length the model was trained on,
+    sharper beyond it."""
+    s = 1.0 / math.log(max(reference_tokens, 3))
+    return [s] * num_layers

@@ -1,0 +1,588 @@
+"""`InContextRetriever`: BlockSearch in-context retrieval on the encoded-chunk store.
+
+Indexing prefills every document block on its own (block-sparse prefill, positions from 0) and
+stores its per-layer keys/values; a query block placed at position `max_doc_tokens` then attends
+to all stored blocks (streaming, online softmax) and documents are scored by attention readout or
+by decoding their codes. See docs/incontext.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ...chunking import Spanner, tokenizer_spans
+from ...errors import InvalidInputError
+from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
+from ...models.loading import load_model, smollm2_gguf_path
+from ...store import TensorSpec
+from ...types import Chunk, Document
+from ..base import Ranked, StoreRetriever
+from .adapters import adapter_for
+from .attention import CorpusKV, QueryResult, default_ssmax, quantize_int8, query_pass
+from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
+from .prefill import prefill_blocks
+from .scoring import constrained_beam_search, readout_scores
+
+SCORINGS = ("readout", "codes")
+
+
+class StoreKV:
+    """`CorpusKV`'s interface read straight from the store's memory-mapped shards, one block
+    batch at a time (nothing corpus-sized is held in RAM)."""
+
+    def __init__(self, store: Any, int8: bool) -> None:
+        self.store, self.int8 = store, int8
+        self.lengths = (
+            store.varlen_lengths("ids") if store.num_rows else torch.empty(0, dtype=torch.long)
+        )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, layer: int, docs: torch.Tensor, device: torch.device):
+        rows = docs.tolist()
+        width = int(self.lengths[docs].max())
+        ks = self.store.varlen("k", rows)
+        vs = self.store.varlen("v", rows)
+        shape = (len(rows), width, *ks[0].shape[2:])
+        k = torch.zeros(shape, dtype=torch.float32)
+        v = torch.zeros(shape, dtype=torch.float32)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        if self.int8:
+            kss = self.store.varlen("k_scale", rows)
+            vss = self.store.varlen("v_scale", rows)
+        for i, (kr, vr) in enumerate(zip(ks, vs, strict=True)):
+            n = kr.shape[0]
+            if self.int8:
+                k[i, :n] = kr[:, layer].float() * kss[i][:, layer].float()[..., None]
+                v[i, :n] = vr[:, layer].float() * vss[i][:, layer].float()[..., None]
+            else:
+                k[i, :n] = kr[:, layer]
+                v[i, :n] = vr[:, layer]
+            valid[i, :n] = True
+        return k.to(device), v.to(device), valid.to(device)
+
+
+class InContextRetriever(StoreRetriever):
+    """A decoder-only LM reads the corpus as independent document blocks; the query attends to
+    all of them and the attention (or the code the model writes) ranks the documents.
+
+    Key options: `max_doc_tokens` (block size and query offset), `kv_dtype` ("float16" or
+    "int8"), `kv_layers` (layers whose keys/values are stored: the query pass runs exactly these),
+    `scoring` ("readout" zero-shot, or "codes" for a fine-tuned model), `readout_layers` /
+    `readout_heads`, `calibrate`, `ssmax` (scalable-softmax ``s_l``: a float, one per layer, or
+    "auto" = ``1/log(ssmax_reference)``), `route_layer` / `route_top` (QK-MaxSim routing).
+    """
+
+    name = "incontext"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        gguf_file: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_doc_tokens: int = 300,
+        max_query_tokens: int = 64,
+        code_digits: int = 4,
+        kv_dtype: str = "float16",
+        kv_layers: int | None = None,
+        kv_source: str = "mmap",
+        scoring: str = "readout",
+        readout_layers: Sequence[int] | None = None,
+        readout_heads: Sequence[int] | None = None,
+        readout_tokens: str = "all",
+        calibrate: bool = True,
+        ssmax: float | Sequence[float | None] | str | None = None,
+        ssmax_count: str = "tokens",
+        ssmax_reference: int = 2048,
+        route_layer: int | None = None,
+        route_top: int = 256,
+        num_beams: int = 10,
+        block_docs: int = 64,
+        prefill_batch: int = 8,
+        path: str | None = None,
+        chunk_size: int | None = None,
+        chunk_overlap: int = 0,
+        index_batch_size: int = 64,
+        show_progress: bool = True,
+    ) -> None:
+        if scoring not in SCORINGS:
+            raise InvalidInputError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        if kv_dtype not in ("float16", "int8", "float32"):
+            raise InvalidInputError(f"kv_dtype must be float16, int8 or float32, got {kv_dtype!r}")
+        if kv_source not in ("mmap", "ram"):
+            raise InvalidInputError(f"kv_source must be 'mmap' or 'ram', got {kv_source!r}")
+        if readout_tokens not in ("all", "query", "last"):
+            raise InvalidInputError("readout_tokens must be 'all', 'query' or 'last'")
+        if ssmax_count not in ("tokens", "docs"):
+            raise InvalidInputError("ssmax_count must be 'tokens' or 'docs'")
+        if int(max_doc_tokens) < 8:
+            raise InvalidInputError(f"max_doc_tokens must be >= 8, got {max_doc_tokens}")
+        self.model_name = model
+        self.gguf_file = gguf_file
+        self.device_arg, self.dtype_arg = device, dtype
+        source = model if model is not None else smollm2_gguf_path()
+        if source is None:
+            raise InvalidInputError(
+                "no model given and SmolLM2 GGUF not found; pass model=<dir or .gguf>"
+            )
+        self.model, self.tokenizer = load_model(
+            str(source), kind="causal", gguf_file=gguf_file, device=device, dtype=dtype
+        )
+        self.adapter = adapter_for(self.model)
+        L = self.adapter.num_layers
+        self.kv_layers = L if kv_layers is None else int(kv_layers)
+        if not 1 <= self.kv_layers <= L:
+            raise InvalidInputError(f"kv_layers must be in [1, {L}], got {kv_layers}")
+        if scoring == "codes" and self.kv_layers != L:
+            raise InvalidInputError("scoring='codes' needs every layer: leave kv_layers unset")
+        self.max_doc_tokens = int(max_doc_tokens)
+        self.max_query_tokens = int(max_query_tokens)
+        self.code_digits = int(code_digits)
+        self.kv_dtype, self.kv_source = kv_dtype, kv_source
+        self.scoring = scoring
+        self.readout_layers = (
+            list(range(self.kv_layers))
+            if readout_layers is None
+            else [int(x) for x in readout_layers]
+        )
+        if any(not 0 <= x < self.kv_layers for x in self.readout_layers):
+            raise InvalidInputError(f"readout_layers must lie in [0, {self.kv_layers})")
+        self.readout_heads = None if readout_heads is None else [int(x) for x in readout_heads]
+        self.readout_tokens = readout_tokens
+        self.calibrate = bool(calibrate)
+        self.ssmax_arg = ssmax if isinstance(ssmax, str | float | int | type(None)) else list(ssmax)
+        self.ssmax_count, self.ssmax_reference = ssmax_count, int(ssmax_reference)
+        self.ssmax = self._resolve_ssmax(ssmax)
+        if route_layer is not None and not 0 <= int(route_layer) < self.kv_layers:
+            raise InvalidInputError(f"route_layer must lie in [0, {self.kv_layers})")
+        self.route_layer = None if route_layer is None else int(route_layer)
+        self.route_top = int(route_top)
+        self.num_beams = int(num_beams)
+        self.block_docs = int(block_docs)
+        self.prefill_batch = int(prefill_batch)
+        self.format = PromptFormat(self.tokenizer, self.code_digits)
+        self.format.block(0, [], self.max_doc_tokens)  # fails now if the markers leave no room
+        self._corpus: Any = None
+        self._null_cache: dict[str, tuple[QueryResult, dict[int, Any]]] = {}
+        self.truncated_ids: list[str] = []
+        self._pending_codes: list[int] = []
+        super().__init__(
+            path=path,
+            chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap,
+            index_batch_size=index_batch_size,
+            show_progress=show_progress,
+        )
+
+    def _resolve_ssmax(self, ssmax: Any) -> list[float | None] | None:
+        L = self.adapter.num_layers
+        if ssmax is None:
+            return None
+        if isinstance(ssmax, str):
+            if ssmax != "auto":
+                raise InvalidInputError(
+                    f"ssmax must be a float, a per-layer list or 'auto', got {ssmax!r}"
+                )
+            return default_ssmax(L, self.ssmax_reference)
+        if isinstance(ssmax, float | int):
+            return [float(ssmax)] * L
+        values = [None if s is None else float(s) for s in ssmax]
+        if len(values) != L:
+            raise InvalidInputError(f"ssmax needs one value per layer ({L}), got {len(values)}")
+        return values
+
+    _QUERY_OPTIONS = (
+        "scoring",
+        "readout_layers",
+        "readout_heads",
+        "readout_tokens",
+        "calibrate",
+        "ssmax",
+        "ssmax_count",
+        "ssmax_reference",
+        "route_layer",
+        "route_top",
+        "num_beams",
+        "block_docs",
+    )
+
+    def configure(self, **options: Any) -> None:
+        """Change query-time options (scoring, readout, scalable softmax, routing) without
+        touching the index; unknown or index-defining options raise `InvalidInputError`."""
+        bad = sorted(set(options) - set(self._QUERY_OPTIONS))
+        if bad:
+            raise InvalidInputError(
+                f"not query-time options: {bad}; allowed: {self._QUERY_OPTIONS}"
+            )
+        if options.get("scoring", self.scoring) not in SCORINGS:
+            raise InvalidInputError(f"scoring must be one of {SCORINGS}")
+        for key in (
+            "ssmax_count",
+            "ssmax_reference",
+            "route_top",
+            "num_beams",
+            "block_docs",
+            "readout_tokens",
+            "calibrate",
+            "scoring",
+        ):
+            if key in options:
+                setattr(self, key, options[key])
+        if "readout_layers" in options:
+            rl = options["readout_layers"]
+            self.readout_layers = (
+                list(range(self.kv_layers)) if rl is None else [int(x) for x in rl]
+            )
+        if "readout_heads" in options:
+            rh = options["readout_heads"]
+            self.readout_heads = None if rh is None else [int(x) for x in rh]
+        if "route_layer" in options:
+            rl = options["route_layer"]
+            if rl is not None and not 0 <= int(rl) < self.kv_layers:
+                raise InvalidInputError(f"route_layer must lie in [0, {self.kv_layers})")
+            self.route_layer = None if rl is None else int(rl)
+        if "ssmax" in options or "ssmax_reference" in options:
+            sm = options.get("ssmax", self.ssmax_arg)
+            self.ssmax_arg = sm if isinstance(sm, str | float | int | type(None)) else list(sm)
+            self.ssmax = self._resolve_ssmax(sm)
+        self._null_cache.clear()
+
+    # ------------------------------------------------------------------ hooks
+    def _spanner(self) -> Spanner:
+        return tokenizer_spans(self.tokenizer)
+
+    def _specs(self) -> dict[str, TensorSpec]:
+        ad = self.adapter
+        per_tok = (self.kv_layers, ad.num_kv_heads, ad.head_dim)
+        store_dtype = "int8" if self.kv_dtype == "int8" else self.kv_dtype
+        specs = {
+            "ids": TensorSpec("varlen", "int32", ()),
+            "k": TensorSpec("varlen", store_dtype, per_tok),
+            "v": TensorSpec("varlen", store_dtype, per_tok),
+            "code": TensorSpec("fixed", "int64", ()),
+            "span": TensorSpec("fixed", "int32", (2,)),
+        }
+        if self.kv_dtype == "int8":
+            specs["k_scale"] = TensorSpec("varlen", "float16", per_tok[:2])
+            specs["v_scale"] = TensorSpec("varlen", "float16", per_tok[:2])
+        return specs
+
+    def _fingerprint(self) -> str:
+        recipe = (
+            f"incontext|format=v{FORMAT_VERSION}|max_doc_tokens={self.max_doc_tokens}|"
+            f"digits={self.code_digits}|kv={self.kv_dtype}|layers={self.kv_layers}"
+        )
+        return combine_fingerprints(
+            recipe, model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer)
+        )
+
+    def _init_args(self) -> dict[str, Any]:
+        return {
+            "model": None if self.model_name is None else str(self.model_name),
+            "gguf_file": self.gguf_file,
+            "device": self.device_arg,
+            "dtype": self.dtype_arg,
+            "max_doc_tokens": self.max_doc_tokens,
+            "max_query_tokens": self.max_query_tokens,
+            "code_digits": self.code_digits,
+            "kv_dtype": self.kv_dtype,
+            "kv_layers": self.kv_layers,
+            "kv_source": self.kv_source,
+            "scoring": self.scoring,
+            "readout_layers": self.readout_layers,
+            "readout_heads": self.readout_heads,
+            "readout_tokens": self.readout_tokens,
+            "calibrate": self.calibrate,
+            "ssmax": self.ssmax_arg,
+            "ssmax_count": self.ssmax_count,
+            "ssmax_reference": self.ssmax_reference,
+            "route_layer": self.route_layer,
+            "route_top": self.route_top,
+            "num_beams": self.num_beams,
+            "block_docs": self.block_docs,
+            "prefill_batch": self.prefill_batch,
+        }
+
+    # ------------------------------------------------------------------ indexing
+    def _live_codes(self) -> list[int]:
+        live = self.store.live_rows()
+        if not len(live):
+            return []
+        return self.store.fixed("code")[live].tolist()
+
+    def _ingest(self, docs: Sequence[Document]) -> None:
+        n_new = sum(len(self.chunker.split(d)) for d in docs)
+        assign_codes(self._live_codes(), n_new, self.code_digits)  # fail before any work
+        self._pending_codes: list[int] = []
+        self.truncated_ids = []
+        try:
+            super()._ingest(docs)
+        finally:
+            self._pending_codes = []
+        if self.truncated_ids:
+            shown = ", ".join(repr(i) for i in self.truncated_ids[:5])
+            more = f" (+{len(self.truncated_ids) - 5} more)" if len(self.truncated_ids) > 5 else ""
+            warnings.warn(
+                f"{len(self.truncated_ids)} chunk(s) longer than max_doc_tokens="
+                f"{self.max_doc_tokens} were truncated: {shown}{more} (their ids are in "
+                "retriever.truncated_ids)",
+                stacklevel=3,
+            )
+
+    def encode_blocks(
+        self, codes: Sequence[int], texts: Sequence[str]
+    ) -> list[tuple[list[int], int, int, bool]]:
+        return [
+            self.format.block(c, ids, self.max_doc_tokens)
+            for c, ids in zip(codes, self.format.text_ids(texts), strict=True)
+        ]
+
+    def _encode_chunks(self, chunks: Sequence[Chunk]) -> dict[str, Any]:
+        codes = assign_codes(
+            [*self._live_codes(), *self._pending_codes], len(chunks), self.code_digits
+        )
+        self._pending_codes.extend(codes)
+        blocks = self.encode_blocks(codes, [c.text for c in chunks])
+        self.truncated_ids.extend(c.id for c, b in zip(chunks, blocks, strict=True) if b[3])
+        with torch.inference_mode():
+            kv = prefill_blocks(
+                self.adapter, [b[0] for b in blocks], self.kv_layers, batch_size=self.prefill_batch
+            )
+        out: dict[str, Any] = {
+            "ids": [torch.tensor(b[0], dtype=torch.int32) for b in blocks],
+            "code": torch.tensor(codes, dtype=torch.int64),
+            "span": torch.tensor([[b[1], b[2]] for b in blocks], dtype=torch.int32),
+        }
+        if self.kv_dtype == "int8":
+            kq = [quantize_int8(k.cpu()) for k, _ in kv]
+            vq = [quantize_int8(v.cpu()) for _, v in kv]
+            out.update(
+                k=[a for a, _ in kq],
+                v=[a for a, _ in vq],
+                k_scale=[s for _, s in kq],
+                v_scale=[s for _, s in vq],
+            )
+        else:
+            dt = torch.float16 if self.kv_dtype == "float16" else torch.float32
+            out.update(k=[k.cpu().to(dt) for k, _ in kv], v=[v.cpu().to(dt) for _, v in kv])
+        return out
+
+    def _on_open(self) -> None:
+        self._corpus = None
+        self._null_cache.clear()
+
+    def _on_rows_added(self, rows: range, tensors: Mapping[str, Any]) -> None:
+        self._on_open()
+
+    def _on_rows_deleted(self, rows: Sequence[int]) -> None:
+        self._null_cache.clear()
+
+    # ------------------------------------------------------------------ query side
+    def corpus(self) -> Any:
+        """Stored blocks in query-pass form (all store rows; candidates are chosen per query)."""
+        if self._corpus is None:
+            int8 = self.kv_dtype == "int8"
+            if self.kv_source == "mmap":
+                self._corpus = StoreKV(self.store, int8)
+            else:
+                rows = range(self.store.num_rows)
+                k, v = self.store.varlen("k", rows), self.store.varlen("v", rows)
+                scales = (
+                    (self.store.varlen("k_scale", rows), self.store.varlen("v_scale", rows))
+                    if int8
+                    else (None, None)
+                )
+                self._corpus = CorpusKV(k, v, *scales)
+        return self._corpus
+
+    def read_texts(self, rows: Sequence[int]) -> list[str]:
+        """The part of each stored chunk's text the model actually read (after truncation)."""
+        spans = self.store.fixed("span")
+        out = []
+        for row, ids in zip(rows, self.store.varlen("ids", rows), strict=True):
+            s, e = spans[row].tolist()
+            out.append(self.tokenizer.decode(ids[s:e].tolist()).strip())
+        return out
+
+    def bytes_per_document(self) -> dict[str, float]:
+        """Stored bytes per live document: the KV shards and, for comparison, what storing only
+        a routing layer's keys (fp16) would take."""
+        n = max(1, len(self.store))
+        shard_bytes = sum(s["bytes"] for s in self.store._manifest["shards"])
+        lengths = self.store.varlen_lengths("ids").float()
+        ad = self.adapter
+        per_token_key = ad.num_kv_heads * ad.head_dim * 2
+        return {
+            "stored": shard_bytes / n,
+            "routing_keys_fp16": float(lengths.mean()) * (per_token_key + 4)
+            if len(lengths)
+            else 0.0,
+        }
+
+    def _query_ids(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, s, e, cut = self.format.query(text, self.max_query_tokens)
+        if cut:
+            self._warn_truncated(
+                "query", len(self.format.text_ids([text])[0]), self.max_query_tokens
+            )
+        if self.readout_tokens == "query":
+            sel = torch.arange(s, e)
+        elif self.readout_tokens == "last":
+            sel = torch.tensor([len(ids) - 1])
+        else:
+            sel = torch.arange(len(ids))
+        return torch.tensor([ids]), sel
+
+    def _pass(
+        self, ids: torch.Tensor, docs: torch.Tensor, num_layers: int, **kw: Any
+    ) -> QueryResult:
+        return query_pass(
+            self.adapter,
+            self.corpus(),
+            ids,
+            q_offset=self.max_doc_tokens,
+            num_layers=num_layers,
+            docs=docs,
+            block_docs=self.block_docs,
+            ssmax=self.ssmax,
+            ssmax_count=self.ssmax_count,
+            **kw,
+        )
+
+    def _null(self, docs: torch.Tensor) -> QueryResult:
+        """The content-free query's pass over `docs` (cached: it depends on the corpus only)."""
+        key = hashlib.blake2b(docs.numpy().tobytes(), digest_size=16).hexdigest()
+        hit = self._null_cache.get(key)
+        if hit is None:
+            ids, sel = self._query_ids(NULL_QUERY)
+            upto = self._depth() if self.route_layer is None else self.route_layer + 1
+            res = self._pass(ids, docs, upto, mass_layers=self.readout_layers, mass_tokens=sel)
+            hit = (res, {"sel": sel, "ids": ids})
+            self._null_cache = {key: hit}
+        return hit[0]
+
+    def _depth(self) -> int:
+        """Layers the readout needs: up to the last readout layer (and the routing layer)."""
+        depth = max(self.readout_layers) + 1
+        if self.route_layer is not None:
+            depth = max(depth, self.route_layer + 1)
+        return depth
+
+    def _readout_rank(self, query: str, docs: torch.Tensor, k: int) -> Ranked:
+        ids, sel = self._query_ids(query)
+        depth = self._depth()
+        res = self._pass(
+            ids,
+            docs,
+            depth,
+            mass_layers=self.readout_layers,
+            mass_tokens=sel,
+            route_layer=self.route_layer,
+            route_top=self.route_top,
+        )
+        null_masses = None
+        if self.calibrate:
+            null = self._null(docs)
+            null_masses = dict(null.masses)
+            if res.routed is not None and depth > self.route_layer + 1:  # type: ignore[operator]
+                nids, nsel = self._query_ids(NULL_QUERY)
+                cont = self._pass(
+                    nids,
+                    res.routed,
+                    depth,
+                    mass_layers=self.readout_layers,
+                    mass_tokens=nsel,
+                    start_layer=self.route_layer + 1,
+                    hidden=null.hidden,  # type: ignore[operator]
+                )
+                null_masses.update(cont.masses)
+        n = self.store.num_rows
+        scores, _ = readout_scores(
+            res.masses, n, self.readout_layers, self.readout_heads, null_masses
+        )
+        if res.routed is not None and res.route_scores is not None:
+            first = res.routed[torch.argsort(scores[res.routed], descending=True)]
+            rest_mask = torch.ones(n, dtype=torch.bool)
+            rest_mask[res.routed] = False
+            rest_mask &= torch.isin(torch.arange(n), docs)
+            rest = torch.nonzero(rest_mask).flatten()
+            rest = rest[torch.argsort(res.route_scores[rest], descending=True)]
+            order = torch.cat([first, rest])[:k]
+            floor = float(scores[first].min()) if len(first) else 0.0
+            out = scores.clone()
+            out[rest] = (
+                floor - 1.0 - torch.arange(len(rest), dtype=torch.float32) / max(1, len(rest))
+            )
+            return order, out[order]
+        vals = scores[docs]
+        top = torch.topk(vals, k)
+        return docs[top.indices], top.values
+
+    def _code_rank(self, query: str, docs: torch.Tensor, k: int) -> Ranked:
+        ids, _ = self._query_ids(query)
+        L = self.adapter.num_layers
+        res = self._pass(ids, docs, L, route_layer=self.route_layer, route_top=self.route_top)
+        first = torch.log_softmax(
+            self.adapter.logits(self.adapter.final_norm(res.hidden[:, -1])).float(), -1
+        )[0]
+        codes = self.store.fixed("code")[docs].tolist()
+        by_code = {
+            self.format.code_str(c): int(r) for c, r in zip(codes, docs.tolist(), strict=True)
+        }
+        trie = CodeTrie(by_code)
+        state = {"cache": res.cache}
+
+        def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+            cache = state["cache"].select(parents.to(self.adapter.device))
+            out = self._pass(
+                tokens[:, None],
+                docs,
+                L,
+                cache=cache,
+                route_layer=self.route_layer,
+                routed=res.routed,
+            )
+            state["cache"] = out.cache
+            logits = self.adapter.logits(self.adapter.final_norm(out.hidden[:, -1]))
+            return torch.log_softmax(logits.float(), -1)
+
+        width = min(len(by_code), max(self.num_beams, k))
+        beams = constrained_beam_search(
+            first,
+            step,
+            trie,
+            self.format.digit_ids,
+            self.code_digits,
+            width,  # type: ignore[attr-defined]
+        )[:k]
+        rows = torch.tensor([by_code[c] for c, _ in beams], dtype=torch.long)
+        return rows, torch.tensor([s for _, s in beams], dtype=torch.float32)
+
+    def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
+        docs = torch.nonzero(candidates).flatten()
+        out: list[Ranked] = []
+        with torch.inference_mode():
+            for q in queries:
+                if self.scoring == "codes":
+                    out.append(self._code_rank(q, docs, k))
+                else:
+                    out.append(self._readout_rank(q, docs, k))
+        return out
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self, queries: Sequence[str], positives: Sequence[Sequence[str] | str], **kwargs: Any
+    ) -> dict[str, Any]:
+        """Fine-tune the model to emit codes (see `train.fit_codes`); the stored blocks were
+        made by the old weights, so the index is rebuilt from the stored texts afterwards."""
+        from .train import fit_codes
+
+        return fit_codes(self, queries, positives, **kwargs)

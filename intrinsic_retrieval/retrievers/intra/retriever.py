@@ -1,0 +1,542 @@
+"""`IntraRetriever`: INTRA (INTrinsic Retrieval via Attention) on the encoded-chunk store.
+
+Per chunk the store keeps, from one encoder pass: the full encoder token states (``states``,
+varlen, reused as cross-attention memory for C0 and for generation), `pooled` mean-pooled
+vectors (``pooled``, fixed ``(p, d)``, what every score reads) and, for key-normed backbones
+(T5Gemma2), the per-(layer, KV head) key RMS factors of those pooled vectors (``rnorm``).
+
+Search (paper, sections 2.2-2.3 and 3): (1) encoder-side MaxSim of the encoded query against
+pooled vectors picks C0 (k0 chunks; k0=0 gives C0 = {}); (2) one decoder pass reads
+``[start, query tokens, r_1..r_m]`` with C0's stored states as cross-attention memory; the
+retrieval tokens' cross-attention queries of every layer are folded by Reverse-QWK into the
+stored space; (3) every candidate chunk in the corpus (not only C0) is scored by
+``sum_{l,h} alpha_lh sum_t max_j logit_lht(pooled_j)`` and the top k are returned. For large
+corpora FAISS over pooled vectors proposes candidates per layer; the final scores are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import torch
+
+from ...chunking import Spanner, tokenizer_spans
+from ...errors import InvalidInputError, NotTrainedError
+from ...models import (
+    VectorIndex,
+    combine_fingerprints,
+    default_dense_model_path,
+    encode_texts,
+    load_model,
+    maxsim_topk,
+    model_fingerprint,
+    pool_segments_batch,
+    tokenizer_fingerprint,
+)
+from ...store import TensorSpec
+from ...types import Chunk
+from ..base import Ranked, StoreRetriever
+from .adapters import EncDecAdapter, adapter_for
+from .head import AUX_NAME, RetrievalHead
+from .qwk import Folded, QueryTap, key_rnorm, topk_pooled
+
+#: `model=None` builds this: BERT2BERT warm-started from all-MiniLM-L6-v2 (encoder and decoder
+#: weights from the checkpoint; cross-attention freshly initialised with `seed`)
+DEFAULT_MODEL = "bert2bert:all-MiniLM-L6-v2"
+_RECIPE_VERSION = 1
+_MODES = ("intra", "encoder")
+
+
+def build_bert2bert(path: str, seed: int = 0) -> torch.nn.Module:
+    """`EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)` with a seeded, hence
+    reproducible (same fingerprint every run), initialisation of the new cross-attention."""
+    from transformers import AutoTokenizer, EncoderDecoderModel
+    from transformers.utils import logging as hf_logging
+
+    tok = AutoTokenizer.from_pretrained(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.decoder_start_token_id = tok.cls_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.sep_token_id
+    model.generation_config.decoder_start_token_id = tok.cls_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.sep_token_id
+    return model.eval()
+
+
+class IntraRetriever(StoreRetriever):
+    """INTRA retrieval from within an encoder-decoder (see the module docstring).
+
+    `model`: a local directory / hub id of a supported encoder-decoder (T5, flan-T5, BART,
+    T5Gemma, T5Gemma2, EncoderDecoderModel), or None for BERT2BERT from all-MiniLM-L6-v2.
+    `pooled` (p) vectors per chunk; `retrieval_tokens` (m); `k0` initial-context size (0: C0 is
+    empty). `mode="encoder"` returns the encoder-side C0 stage alone. `ann_threshold`: live
+    chunks from which FAISS proposes candidates (`ann_k` pooled neighbours per query vector,
+    IVF `ann_nprobe`, at most `ann_rerank` rows rescored exactly) instead of an exact full scan.
+    `store_dtype` holds token states; `pooled_dtype` (default float32 on CPU, where half->float
+    conversion bounds the scan; else `store_dtype`) holds the pooled vectors.
+    """
+
+    name = "intra"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        retrieval_tokens: int = 8,
+        pooled: int = 8,
+        k0: int = 4,
+        mode: str = "intra",
+        store_dtype: str = "float16",
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        batch_size: int = 16,
+        seed: int = 0,
+        ann_threshold: int = 50_000,
+        ann_k: int = 32,
+        ann_nprobe: int = 16,
+        ann_rerank: int = 2048,
+        pooled_dtype: str | None = None,
+        head: str | None = None,
+        path: str | PathLike[str] | None = None,
+        chunk_size: int | None = None,
+        chunk_overlap: int = 32,
+        index_batch_size: int = 256,
+        show_progress: bool = True,
+    ) -> None:
+        if store_dtype not in ("float16", "bfloat16", "float32"):
+            raise InvalidInputError(
+                f"store_dtype must be float16, bfloat16 or float32, got {store_dtype!r}"
+            )
+        if mode not in _MODES:
+            raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
+        for nm, v, lo in (
+            ("retrieval_tokens", retrieval_tokens, 1),
+            ("pooled", pooled, 1),
+            ("k0", k0, 0),
+            ("ann_k", ann_k, 1),
+            ("ann_nprobe", ann_nprobe, 1),
+            ("ann_rerank", ann_rerank, 1),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise InvalidInputError(f"{nm} must be an int >= {lo}, got {v!r}")
+        self.model_name = model
+        self.device_arg, self.dtype_arg, self.seed = device, dtype, int(seed)
+        self.model, self.tokenizer = self._load(model, device, dtype, self.seed)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.device = next(self.model.parameters()).device
+        self.adapter: EncDecAdapter = adapter_for(self.model)
+        self.layers = self.adapter.layers()
+        self.n_layers, self.n_heads = len(self.layers), self.layers[0].n_heads
+        self.dim = self.adapter.memory_dim()
+        self.m, self.p, self.k0, self.mode = retrieval_tokens, pooled, k0, mode
+        self.store_dtype = store_dtype
+        self.batch_size = int(batch_size)
+        self.ann_threshold, self.ann_k = int(ann_threshold), int(ann_k)
+        self.ann_nprobe, self.ann_rerank = ann_nprobe, ann_rerank
+        if pooled_dtype not in (None, "float16", "bfloat16", "float32"):
+            raise InvalidInputError(
+                f"pooled_dtype must be None, float16, bfloat16 or float32, got {pooled_dtype!r}"
+            )
+        self.pooled_dtype_arg = pooled_dtype
+        # CPU: float32 pooled vectors. CPU half->float conversion, not memory, bounds the scan
+        # (measured in benchmarks/bench_intra.py); they are p/T of the stored bytes.
+        self.pooled_dtype = pooled_dtype or (
+            "float32" if self.device.type == "cpu" else store_dtype
+        )
+        self.head_path = head
+        limits = [getattr(self.tokenizer, "model_max_length", None)]
+        limits.append(
+            getattr(
+                getattr(self.adapter.encoder(), "config", None), "max_position_embeddings", None
+            )
+        )
+        valid = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+        self.max_length = int(max_length) if max_length is not None else min(valid or [512])
+        self._ann: VectorIndex | None = None
+        self.head: RetrievalHead | None = None
+        special = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        n_special = max(
+            0, len(special) - len(self.tokenizer("x", add_special_tokens=False)["input_ids"])
+        )
+        super().__init__(
+            path=path,
+            chunk_size=chunk_size if chunk_size is not None else self.max_length - n_special,
+            chunk_overlap=chunk_overlap,
+            index_batch_size=index_batch_size,
+            show_progress=show_progress,
+        )
+
+    # ------------------------------------------------------------------ model
+    @staticmethod
+    def _load(model: str | None, device: str | None, dtype: str | None, seed: int):
+        from ...models import load_tokenizer, resolve_device, resolve_dtype
+
+        if model is None or model == DEFAULT_MODEL:
+            path = default_dense_model_path()
+            dev = resolve_device(device)
+            net = build_bert2bert(path, seed).to(device=dev, dtype=resolve_dtype(dev, dtype))
+            return net, load_tokenizer(path)
+        return load_model(model, kind="seq2seq", device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ store hooks
+    def _spanner(self) -> Spanner:
+        return tokenizer_spans(self.tokenizer)
+
+    def _specs(self) -> dict[str, TensorSpec]:
+        specs = {
+            "states": TensorSpec("varlen", self.store_dtype, (self.dim,)),
+            "pooled": TensorSpec("fixed", self.pooled_dtype, (self.p, self.dim)),
+        }
+        if self.adapter.key_norm:
+            g = self.layers[0].n_kv_heads
+            specs["rnorm"] = TensorSpec("fixed", "float32", (self.p, self.n_layers, g))
+        return specs
+
+    def _fingerprint(self) -> str:
+        recipe = (
+            f"intra-v{_RECIPE_VERSION}|{self.adapter.arch}|p={self.p}|dtype={self.store_dtype}"
+            f"|max_length={self.max_length}"
+        )
+        if self.pooled_dtype != self.store_dtype:
+            recipe += f"|pooled={self.pooled_dtype}"
+        return combine_fingerprints(
+            hashlib.sha256(recipe.encode()).hexdigest(),
+            model_fingerprint(self.model),
+            tokenizer_fingerprint(self.tokenizer),
+        )
+
+    def _init_args(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "retrieval_tokens": self.m,
+            "pooled": self.p,
+            "k0": self.k0,
+            "mode": self.mode,
+            "store_dtype": self.store_dtype,
+            "device": self.device_arg,
+            "dtype": self.dtype_arg,
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "ann_threshold": self.ann_threshold,
+            "ann_k": self.ann_k,
+            "ann_nprobe": self.ann_nprobe,
+            "ann_rerank": self.ann_rerank,
+            "pooled_dtype": self.pooled_dtype_arg,
+            "head": self.head_path,
+        }
+
+    def encode_states(
+        self, texts: Sequence[str], *, show_progress: bool = False
+    ) -> list[torch.Tensor]:
+        """Stored representation ``(len_i, d)`` (float32, CPU) of each text, special tokens kept."""
+        return encode_texts(
+            self.model,
+            self.tokenizer,
+            list(texts),
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            show_progress=show_progress,
+            desc="encoding (intra)",
+            forward=lambda _m, ids, mask: self.adapter.encode(ids, mask),
+        )
+
+    def _encode_chunks(self, chunks: Sequence[Chunk]) -> dict[str, Any]:
+        states = [s.float() for s in self.encode_states([c.text for c in chunks])]
+        pooled = pool_segments_batch(states, self.p)
+        out: dict[str, Any] = {"states": states, "pooled": pooled}
+        if self.adapter.key_norm:
+            # from the vectors as stored (rounded to the store dtype), so scores are exact for them
+            stored = pooled.to(TensorSpec("fixed", self.pooled_dtype, ()).torch_dtype).float()
+            out["rnorm"] = key_rnorm(stored, self.layers)
+        return out
+
+    def _on_open(self) -> None:
+        self._ann = None
+        if self.head is None:
+            self.head = self._initial_head()
+            got = self.store.get_aux(AUX_NAME)
+            if got is not None:
+                self._install_head(RetrievalHead.from_state(dict(got[0]), got[1]), "store head")
+            if self.head_path is not None:
+                self.load_head(self.head_path)
+
+    def _on_rows_added(self, rows: range, tensors: Mapping[str, Any]) -> None:
+        if self._ann is not None:
+            self._ann_add(torch.arange(rows.start, rows.stop), tensors["pooled"])
+
+    def _on_rows_deleted(self, rows: Sequence[int]) -> None:
+        if self._ann is not None:
+            r = torch.tensor(list(rows), dtype=torch.long)
+            self._ann.remove((r[:, None] * self.p + torch.arange(self.p)).reshape(-1))
+
+    def _before_save(self) -> None:
+        if self.head is not None and self.head.trained:
+            self.save_head()
+
+    # ------------------------------------------------------------------ head
+    def _store_id(self) -> str:
+        return f"{self.store.fingerprint[:16]}:{self.store.manifest.get('created_at')}"
+
+    def _initial_head(self) -> RetrievalHead:
+        head = RetrievalHead.initial(
+            self.adapter.decoder_embeddings(),
+            self.tokenizer,
+            self.m,
+            self.n_layers,
+            self.n_heads,
+            seed=self.seed,
+        )
+        head.binding = self._binding()
+        return head
+
+    def _binding(self) -> dict[str, str]:
+        return {
+            "model": model_fingerprint(self.model),
+            "recipe": self._fingerprint(),
+            "store": self._store_id(),
+            "arch": self.adapter.arch,
+        }
+
+    def _install_head(self, head: RetrievalHead, where: object) -> None:
+        head.check(
+            model=model_fingerprint(self.model),
+            recipe=self._fingerprint(),
+            store=self._store_id(),
+            where=where,
+            shape=(self.n_layers, self.n_heads),
+            dim=int(self.adapter.decoder_embeddings().weight.shape[1]),
+        )
+        self.head = head
+        self.m = head.m
+
+    def reset_head(self) -> None:
+        """Back to the untrained initial head (in memory; the stored head is kept until
+        `save_head` or `fit` writes a new one)."""
+        self.head = self._initial_head()
+        self.m = self.head.m
+
+    def save_head(self, path: str | PathLike[str] | None = None) -> None:
+        """Persist the retrieval head: into the store (default) or a standalone safetensors file."""
+        assert self.head is not None
+        self.head.binding = self._binding()
+        if path is None:
+            self.store.put_aux(AUX_NAME, self.head.state(), self.head.meta())
+        else:
+            self.head.save(path)
+
+    def load_head(self, path: str | PathLike[str]) -> None:
+        """Use a head saved with `save_head(path)`; `ModelMismatchError` if it was trained for
+        another model or store recipe (a head from another corpus with the same model warns)."""
+        self._install_head(RetrievalHead.load(path), path)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.head is not None and self.head.trained)
+
+    def require_trained(self) -> None:
+        if not self.trained:
+            raise NotTrainedError("the INTRA retrieval head has not been trained; call fit()")
+
+    # ------------------------------------------------------------------ query side
+    def _check_length(self, query: str) -> None:
+        n = len(self.tokenizer(query, add_special_tokens=True)["input_ids"])
+        if n > self.max_length:
+            self._warn_truncated("query", n, self.max_length)
+
+    def _query_states(self, query: str) -> torch.Tensor:
+        return self.encode_states([query])[0]
+
+    def _pooled(self) -> torch.Tensor:
+        return self.store.fixed("pooled")
+
+    def _rnorm(self) -> torch.Tensor | None:
+        return self.store.fixed("rnorm") if "rnorm" in self.store.specs else None
+
+    def initial_context(self, qstates: torch.Tensor, candidates: torch.Tensor, k0: int) -> Ranked:
+        """C0: top-`k0` candidate rows by encoder-side MaxSim (query token states vs pooled)."""
+        n = int(candidates.sum())
+        k0 = min(k0, n)
+        if k0 == 0:
+            return torch.empty(0, dtype=torch.long), torch.empty(0)
+        cand = candidates
+        if self._use_ann(n):
+            cand = self._ann_candidates(qstates, candidates) & candidates
+            if int(cand.sum()) < k0:
+                cand = candidates
+        scores, idx = maxsim_topk(qstates.float()[None], self._pooled(), k0, candidates=cand)
+        return idx[0].long(), scores[0]
+
+    def decoder_prefix(self, query: str) -> torch.Tensor:
+        """Decoder input ids ``[start, query tokens]`` truncated to leave room for m tokens."""
+        ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
+        limit = self.adapter.decoder_max_positions()
+        room = (limit if limit is not None else self.max_length) - 1 - self.m
+        start = self.adapter.decoder_start_id(self.tokenizer)
+        return torch.tensor([start, *ids[: max(room, 0)]], dtype=torch.long)
+
+    def memory_for(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Cross-attention memory ``(1, S, d)`` and mask from stored states of `rows`
+        (a masked one-token dummy when `rows` is empty: C0 = {})."""
+        rows = [int(r) for r in rows]
+        if not rows:
+            mem = torch.zeros((1, 1, self.dim), device=self.device)
+            return (
+                mem.to(self._model_dtype()),
+                torch.zeros((1, 1), dtype=torch.long, device=self.device),
+                True,
+            )
+        states = torch.cat(self.store.varlen("states", rows), 0)
+        mem = states.to(device=self.device, dtype=self._model_dtype())[None]
+        return mem, torch.ones(mem.shape[:2], dtype=torch.long, device=self.device), False
+
+    def _model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def retrieval_pass(
+        self, query: str, c0_rows: Sequence[int], head: RetrievalHead | None = None
+    ) -> Folded:
+        """One decoder pass over C0; returns the retrieval tokens' folded queries (with grad
+        to the head's tokens when they require it)."""
+        head = head or self.head
+        assert head is not None
+        prefix = self.decoder_prefix(query).to(self.device)
+        emb = self.adapter.decoder_embeddings()(prefix[None])
+        tokens = head.tokens.to(device=self.device, dtype=emb.dtype)[None]
+        inputs = torch.cat([emb, tokens], 1)
+        memory, mask, null = self.memory_for(c0_rows)
+        with QueryTap(self.layers, slice(-head.m, None), null_memory=null) as tap:
+            self.adapter.forward(memory, mask, inputs)
+        return tap.folded()
+
+    # ------------------------------------------------------------------ ANN candidates
+    def _use_ann(self, n_candidates: int) -> bool:
+        return n_candidates >= self.ann_threshold
+
+    def _ann_add(self, rows: torch.Tensor, pooled: torch.Tensor) -> None:
+        assert self._ann is not None
+        ids = (rows[:, None] * self.p + torch.arange(self.p)).reshape(-1)
+        self._ann.add(pooled.float().reshape(-1, self.dim), ids)
+
+    def _ann_index(self) -> VectorIndex:
+        if self._ann is None:
+            self._ann = VectorIndex(self.dim, metric="ip", kind="auto", nprobe=self.ann_nprobe)
+            live = self.store.live_rows()
+            for start in range(0, live.numel(), 50_000):
+                r = live[start : start + 50_000]
+                self._ann_add(r, self._pooled()[r])
+        return self._ann
+
+    def _ann_candidates(
+        self,
+        vectors: torch.Tensor,
+        candidates: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Candidate rows from FAISS: the `ann_k` best pooled vectors (inner product) of each
+        query vector; when more than `ann_rerank` rows come back, the ones with the highest
+        approximate score (sum over vectors of weight x best returned similarity) are kept."""
+        index = self._ann_index()
+        vecs = vectors.float().reshape(-1, self.dim)
+        allowed = candidates.repeat_interleave(self.p)
+        sims, ids = index.search(vecs, self.ann_k, allowed=allowed)
+        w = torch.ones(len(vecs)) if weights is None else weights.float().reshape(-1)
+        keep = ids >= 0
+        vec_of = torch.arange(len(vecs))[:, None].expand_as(ids)[keep]
+        rows = torch.div(ids[keep], self.p, rounding_mode="floor")
+        sims = sims[keep]
+        mask = torch.zeros_like(candidates)
+        if rows.numel() == 0:
+            return mask
+        # best similarity per (vector, row), then the weighted sum per row
+        order = torch.argsort(sims, descending=True)
+        key = vec_of[order] * candidates.numel() + rows[order]
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        first = torch.full((uniq.numel(),), key.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(key.numel()), reduce="amin")
+        best = order[first]
+        approx = torch.zeros(candidates.numel())
+        approx.index_add_(0, rows[best], w[vec_of[best]] * sims[best])
+        hit = torch.unique(rows)
+        if hit.numel() > self.ann_rerank:
+            hit = hit[torch.topk(approx[hit], self.ann_rerank).indices]
+        mask[hit] = True
+        return mask
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
+        out: list[Ranked] = []
+        for q in queries:
+            self._check_length(q)
+            out.append(self._score_one(q, candidates, k))
+        return out
+
+    def _score_one(self, query: str, candidates: torch.Tensor, k: int) -> Ranked:
+        qstates = self._query_states(query)
+        if self.mode == "encoder":
+            return self.initial_context(qstates, candidates, k)
+        c0, _ = self.initial_context(qstates, candidates, self.k0)
+        assert self.head is not None
+        with torch.no_grad():
+            folded = self.retrieval_pass(query, c0.tolist())
+        return self.score_folded(folded, candidates, k, c0)
+
+    def score_folded(
+        self, folded: Folded, candidates: torch.Tensor, k: int, c0: torch.Tensor | None = None
+    ) -> Ranked:
+        """Exact INTRA top-k over `candidates` (FAISS proposes them per layer when large)."""
+        assert self.head is not None
+        n = int(candidates.sum())
+        cand = candidates
+        if self._use_ann(n):
+            L, H, m, _ = folded.vectors.shape
+            w = self.head.alpha.detach().float().view(L, H, 1).expand(L, H, m)
+            cand = self._ann_candidates(folded.vectors.reshape(-1, self.dim), candidates, w)
+            if c0 is not None and c0.numel():
+                cand[c0] = True
+            cand &= candidates
+            if int(cand.sum()) < k:
+                cand = candidates
+        rows, scores = topk_pooled(
+            folded, self.head.alpha.detach(), self._pooled(), self.layers, k, cand, self._rnorm()
+        )
+        return rows, scores
+
+    # ------------------------------------------------------------------ training / generation
+    def fit(self, queries: Any, positive_chunk_ids: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """Train the retrieval tokens and alpha (backbone frozen); see `train.fit`."""
+        from .train import fit
+
+        return fit(self, queries, positive_chunk_ids, **kwargs)
+
+    def answer(self, query: str, k: int = 5, **kwargs: Any) -> Any:
+        """Retrieve, then generate greedily from the selected chunks' stored states; see
+        `generate.answer`."""
+        from .generate import answer
+
+        return answer(self, query, k=k, **kwargs)
+
+    @contextlib.contextmanager
+    def using_mode(self, mode: str):
+        """Temporarily switch between ``"intra"`` and ``"encoder"`` (C0 stage alone)."""
+        if mode not in _MODES:
+            raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
+        old, self.mode = self.mode, mode
+        try:
+            yield self
+        finally:
+            self.mode = old

@@ -1,0 +1,174 @@
+"""Tiny random encoder-decoders (one per INTRA adapter) sharing the all-MiniLM-L6-v2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 30522  # bert-base-uncased WordPiece, as shipped with all-MiniLM-L6-v2
+ARCHS = ("t5", "bart", "t5gemma", "t5gemma2", "bert2bert")
+#: further classes served by the same adapters (equivalence-tested only)
+EXTRA_ARCHS = ("mt5", "umt5", "mbart")
+
+
+def build(arch: str, seed: int = 0) -> torch.nn.Module:
+    import transformers as T
+
+    torch.manual_seed(seed)
+    if arch == "t5":
+        c = T.T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=101,
+            pad_token_id=0,
+            eos_token_id=102,
+        )
+        m = T.T5ForConditionalGeneration(c)
+    elif arch == "bart":
+        c = T.BartConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+            decoder_start_token_id=101,
+            forced_eos_token_id=None,
+        )
+        m = T.BartForConditionalGeneration(c)
+    elif arch == "t5gemma":
+        mc = dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=16,
+            attn_logit_softcapping=50.0,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
+        c = T.T5GemmaConfig(
+            encoder=mc,
+            decoder=mc,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+            decoder_start_token_id=101,
+        )
+        m = T.T5GemmaForConditionalGeneration(c)
+    elif arch == "t5gemma2":
+        tc = dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=16,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
+        vc = dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        )
+        c = T.T5Gemma2Config(
+            encoder=dict(
+                text_config=tc,
+                vision_config=vc,
+                mm_tokens_per_image=4,
+                boi_token_index=30000,
+                eoi_token_index=30001,
+                image_token_index=30002,
+            ),
+            decoder=tc,
+            image_token_index=30002,
+            eoi_token_index=30001,
+        )
+        m = T.T5Gemma2ForConditionalGeneration(c)
+        # random init leaves the norm scales at 0 (i.e. 1 + w = 1); perturb them so the tests
+        # exercise the key-norm scale that Reverse-QWK moves to the query side
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
+    elif arch in ("mt5", "umt5"):
+        cls, cfg = (
+            (T.MT5ForConditionalGeneration, T.MT5Config)
+            if arch == "mt5"
+            else (T.UMT5ForConditionalGeneration, T.UMT5Config)
+        )
+        m = cls(cfg(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    decoder_start_token_id=101, pad_token_id=0, eos_token_id=102))
+    elif arch == "mbart":
+        c = T.MBartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4,
+                          encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                          pad_token_id=0, decoder_start_token_id=101)
+        m = T.MBartForConditionalGeneration(c)
+    elif arch == "bert2bert":
+        ec = T.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+        dc = T.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            is_decoder=True,
+            add_cross_attention=True,
+        )
+        c = T.EncoderDecoderConfig.from_encoder_decoder_configs(ec, dc)
+        c.decoder_start_token_id = 101
+        c.pad_token_id = 0
+        c.eos_token_id = 102
+        m = T.EncoderDecoderModel(config=c)
+    else:
+        raise ValueError(arch)
+    return m.eval()
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from intrinsic_retrieval.models import default_dense_model_path
+
+    return AutoTokenizer.from_pretrained(default_dense_model_path())
+
+
+def save(arch: str, root: Path, seed: int = 0) -> str:
+    """Save the tiny model with the MiniLM tokenizer; returns the directory."""
+    path = root / f"tiny-{arch}-{seed}"
+    if not (path / "config.json").exists():
+        build(arch, seed).save_pretrained(path)
+        tokenizer().save_pretrained(path)
+    return str(path)

@@ -1,0 +1,213 @@
+"""In-context retrieval numerics proven against the models' own forward passes (tiny configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from intrinsic_retrieval.retrievers.incontext.adapters import adapter_for
+from intrinsic_retrieval.retrievers.incontext.attention import CorpusKV, quantize_int8, query_pass
+from intrinsic_retrieval.retrievers.incontext.prefill import prefill_blocks, prefill_packed
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not thrash a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(arch: str, **extra):
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+    )
+    common.update(extra)
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
+    else:
+        cfg = Gemma3TextConfig(
+            head_dim=8,
+            sliding_window=10,
+            query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            **common,
+        )
+        model = Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # random (non-zero) norm weights so the sandwich norms matter
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    return model.eval()
+
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+
+
+def _blocks(n: int = 4, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(
+            0, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_sparse_prefill_equals_independent_prefill(arch: str) -> None:
+    model = tiny(arch)
+    ad = adapter_for(model)
+    blocks = _blocks()
+    L = ad.num_layers
+    with torch.no_grad():
+        packed = prefill_packed(ad, blocks, L)
+        padded = prefill_blocks(ad, blocks, L, batch_size=3)
+        for b, (kp, vp), (kb, vb) in zip(blocks, packed, padded, strict=True):
+            torch.testing.assert_close(kp, kb, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(vp, vb, atol=1e-5, rtol=1e-4)
+            # the model's own forward pass on this document alone
+            out = model(torch.tensor([b]), use_cache=True)
+            cache = out.past_key_values
+            for layer in range(L):
+                ref_k = cache.layers[layer].keys[0].transpose(0, 1)  # (T, Hkv, D)
+                ref_v = cache.layers[layer].values[0].transpose(0, 1)
+                n = ref_k.shape[0]  # a sliding-window cache keeps only the last tokens
+                torch.testing.assert_close(kp[-n:, layer], ref_k, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(vp[-n:, layer], ref_v, atol=1e-5, rtol=1e-4)
+
+
+def _reference_logits(model, blocks, query, q_offset, window=None):
+    """The model's forward over [blocks..., query] with a custom 4D block mask."""
+    ids = [t for b in blocks for t in b] + query
+    seg = [i for i, b in enumerate(blocks) for _ in b] + [-1] * len(query)
+    pos = [p for b in blocks for p in range(len(b))] + [q_offset + i for i in range(len(query))]
+    n = len(ids)
+    seg_t, pos_t = torch.tensor(seg), torch.tensor(pos)
+    idx = torch.arange(n)
+    causal = idx[:, None] >= idx[None, :]
+    same = seg_t[:, None] == seg_t[None, :]
+    is_q = (seg_t == -1)[:, None]
+    allowed = causal & (same | is_q)
+
+    def additive(m):
+        return torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)[None, None]
+
+    mask = additive(allowed)
+    if window is not None:
+        mask = {
+            "full_attention": mask,
+            "sliding_attention": additive(allowed & (pos_t[:, None] - pos_t[None, :] < window)),
+        }
+    out = model(torch.tensor([ids]), attention_mask=mask, position_ids=pos_t[None])
+    return out.logits[0, -len(query) :]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("int8", [False, True])
+def test_streaming_query_attention_equals_model_forward(arch: str, int8: bool) -> None:
+    model = tiny(arch)
+    ad = adapter_for(model)
+    blocks = _blocks(5, seed=2)
+    query = [5, 17, 33, 2, 8]
+    q_offset = 12
+    with torch.no_grad():
+        kv = prefill_blocks(ad, blocks, ad.num_layers)
+        if int8:
+            kq = [quantize_int8(k) for k, _ in kv]
+            vq = [quantize_int8(v) for _, v in kv]
+            corpus = CorpusKV(
+                [a for a, _ in kq], [a for a, _ in vq], [s for _, s in kq], [s for _, s in vq]
+            )
+        else:
+            corpus = CorpusKV([k for k, _ in kv], [v for _, v in kv])
+        res = query_pass(
+            ad,
+            corpus,
+            torch.tensor([query]),
+            q_offset=q_offset,
+            num_layers=ad.num_layers,
+            block_docs=2,
+            mass_layers=[0, 2],
+        )
+        got = ad.logits(ad.final_norm(res.hidden))[0]
+        ref = _reference_logits(
+            model, blocks, query, q_offset, window=10 if arch == "gemma3" else None
+        )
+    tol = dict(atol=5e-2, rtol=5e-2) if int8 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, ref, **tol)
+    _, mass = res.masses[2]
+    assert mass.shape == (1, ad.num_heads, len(blocks))
+    assert bool((mass.sum(-1) <= 1 + 1e-5).all())
+
+
+def test_incremental_decoding_matches_full_pass() -> None:
+    model = tiny("qwen3")
+    ad = adapter_for(model)
+    blocks = _blocks(4, seed=3)
+    with torch.no_grad():
+        kv = prefill_blocks(ad, blocks, ad.num_layers)
+        corpus = CorpusKV([k for k, _ in kv], [v for _, v in kv])
+        full = query_pass(
+            ad, corpus, torch.tensor([[4, 5, 6, 7]]), q_offset=12, num_layers=ad.num_layers
+        )
+        first = query_pass(
+            ad, corpus, torch.tensor([[4, 5]]), q_offset=12, num_layers=ad.num_layers
+        )
+        second = query_pass(
+            ad,
+            corpus,
+            torch.tensor([[6, 7]]),
+            q_offset=12,
+            num_layers=ad.num_layers,
+            cache=first.cache,
+        )
+    torch.testing.assert_close(second.hidden[0], full.hidden[0, 2:], atol=1e-5, rtol=1e-4)
+
+
+def test_routing_keeps_top_documents_and_ssmax_changes_scores() -> None:
+    model = tiny("llama")
+    ad = adapter_for(model)
+    blocks = _blocks(6, seed=4)
+    with torch.no_grad():
+        kv = prefill_blocks(ad, blocks, ad.num_layers)
+        corpus = CorpusKV([k for k, _ in kv], [v for _, v in kv])
+        q = torch.tensor([[1, 2, 3]])
+        res = query_pass(
+            ad, corpus, q, q_offset=12, num_layers=3, route_layer=0, route_top=2, mass_layers=[0, 2]
+        )
+        assert res.routed is not None and len(res.routed) == 2
+        assert res.route_scores is not None
+        assert set(res.routed.tolist()) == set(torch.topk(res.route_scores, 2).indices.tolist())
+        assert res.masses[2][0].tolist() == res.routed.tolist()
+        plain = query_pass(ad, corpus, q, q_offset=12, num_layers=3, mass_layers=[2])
+        scaled = query_pass(
+            ad, corpus, q, q_offset=12, num_layers=3, mass_layers=[2], ssmax=[2.0, 2.0, 2.0]
+        )
+        assert not torch.allclose(plain.masses[2][1], scaled.masses[2][1])

@@ -1,0 +1,254 @@
+"""InContextRetriever end to end on a tiny random Llama (and Qwen3) saved to disk."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from intrinsic_retrieval.errors import (
+    EmptyQueryError,
+    IdSpaceExhaustedError,
+    InvalidInputError,
+    ModelMismatchError,
+)
+from intrinsic_retrieval.retrievers.incontext import InContextRetriever
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog 0123456789 cells protein gene cancer "
+    "vitamin study patients risk mice blood (Doc ) Query: The most relevant document is N/A"
+)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def _save(tmp: Path, arch: str, seed: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tok = _tokenizer()
+    kw = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **kw))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    path = tmp / f"{arch}-{seed}"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not thrash a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return _save(tmp_path_factory.mktemp("models"), "llama", 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_other(tmp_path_factory) -> str:
+    return _save(tmp_path_factory.mktemp("models"), "llama", 1)
+
+
+DOCS = [
+    {"id": "a", "text": "the quick brown fox", "metadata": {"topic": "animal"}},
+    {"id": "b", "text": "cancer cells protein gene study", "metadata": {"topic": "bio"}},
+    {"id": "c", "text": "vitamin blood risk patients", "metadata": {"topic": "bio"}},
+    {"id": "d", "text": "lazy dog jumps over the fox", "metadata": {"topic": "animal"}},
+]
+
+
+def make(model: str, tmp_path: Path, **kw) -> InContextRetriever:
+    kw.setdefault("max_doc_tokens", 64)
+    return InContextRetriever(model, path=str(tmp_path / "idx"), show_progress=False, **kw)
+
+
+def test_add_search_delete_save_load(tiny_llama: str, tmp_path: Path) -> None:
+    r = make(tiny_llama, tmp_path)
+    assert r.add(DOCS) == ["a", "b", "c", "d"]
+    hits = r.search("fox dog", k=3)
+    assert len(hits) == 3 and [h.rank for h in hits] == [1, 2, 3]
+    assert len({h.document_id for h in hits}) == 3
+    # a filter restricts candidates; deleted documents never come back
+    bio = r.search("cells", k=4, filter={"topic": "bio"})
+    assert {h.document_id for h in bio} == {"b", "c"}
+    assert r.delete(["b"]) == 1
+    assert "b" not in {h.document_id for h in r.search("cells", k=4)}
+    before = [(h.document_id, round(h.score, 5)) for h in r.search("blood risk", k=3)]
+    r.save(tmp_path / "copy")
+    r2 = InContextRetriever.load(tmp_path / "copy", show_progress=False)
+    after = [(h.document_id, round(h.score, 5)) for h in r2.search("blood risk", k=3)]
+    assert before == after
+    # adding one document prefills only that document and reuses the freed code
+    r2.add([{"id": "e", "text": "fox fox fox"}])
+    codes = r2.store.fixed("code")[r2.store.live_rows()].tolist()
+    assert sorted(codes) == [0, 2, 3, 1] or sorted(codes) == [0, 1, 2, 3]
+
+
+def test_stored_kv_matches_fresh_prefill_and_ram_equals_mmap(
+    tiny_llama: str, tmp_path: Path
+) -> None:
+    r = make(tiny_llama, tmp_path)
+    r.add(DOCS)
+    ram = make(tiny_llama, tmp_path, kv_source="ram")  # reopens the same store
+    q = "protein gene"
+    a = [(h.document_id, h.score) for h in r.search(q, k=4)]
+    b = [(h.document_id, h.score) for h in ram.search(q, k=4)]
+    assert [x for x, _ in a] == [x for x, _ in b]
+    assert torch.allclose(
+        torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"kv_dtype": "int8"},
+        {"ssmax": "auto"},
+        {"ssmax": 0.5, "ssmax_count": "docs"},
+        {"route_layer": 1, "route_top": 2},
+        {"calibrate": False, "readout_layers": [1, 2], "readout_heads": [0, 3]},
+        {"readout_tokens": "query", "kv_layers": 2},
+        {"scoring": "codes", "num_beams": 3},
+    ],
+)
+def test_scoring_options_return_valid_rankings(tiny_llama: str, tmp_path: Path, opts) -> None:
+    r = make(tiny_llama, tmp_path, **opts)
+    r.add(DOCS)
+    hits = r.search("fox cells", k=4)
+    assert sorted(h.document_id for h in hits) == ["a", "b", "c", "d"]
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_routing_with_all_documents_equals_no_routing(tiny_llama: str, tmp_path: Path) -> None:
+    plain = make(tiny_llama, tmp_path / "p")
+    plain.add(DOCS)
+    routed = make(tiny_llama, tmp_path / "r", route_layer=0, route_top=len(DOCS))
+    routed.add(DOCS)
+    a = [(h.document_id, round(h.score, 5)) for h in plain.search("dog", k=4)]
+    b = [(h.document_id, round(h.score, 5)) for h in routed.search("dog", k=4)]
+    assert a == b
+
+
+def test_bad_input(tiny_llama: str, tiny_llama_other: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="no room"):
+        make(tiny_llama, tmp_path / "x", max_doc_tokens=12)
+    r = make(tiny_llama, tmp_path, max_doc_tokens=40)
+    long = {"id": "long", "text": " ".join(["protein"] * 100)}
+    with pytest.warns(UserWarning, match="truncated"):
+        r.add([long, DOCS[0]])
+    assert r.truncated_ids == ["long#0"]
+    assert int(r.store.varlen_lengths("ids").max()) <= 40
+    with pytest.raises(EmptyQueryError):
+        r.search("   ")
+    assert len(r.search("fox", k=50)) == 2  # k > N returns every document
+    with pytest.raises(InvalidInputError):
+        r.search("fox", k=0)
+    r.close()
+    with pytest.raises(ModelMismatchError):
+        make(tiny_llama_other, tmp_path, max_doc_tokens=40)
+    small = InContextRetriever(tiny_llama, code_digits=1, max_doc_tokens=40, show_progress=False)
+    with pytest.raises(IdSpaceExhaustedError, match="code_digits=2"):
+        small.add([f"doc number {i}" for i in range(11)])
+    assert len(small) == 0  # nothing was half-added
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small.add([f"doc number {i}" for i in range(10)])
+    with pytest.raises(IdSpaceExhaustedError):
+        small.add(["one more"])
+    with pytest.raises(InvalidInputError):
+        InContextRetriever(tiny_llama, scoring="nope", show_progress=False)
+
+
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fit_to_emit_codes_lowers_loss_and_rebuilds_index(
+    tiny_llama: str, tmp_path: Path, lora: bool
+) -> None:
+    r = make(tiny_llama, tmp_path, scoring="codes", code_digits=2, num_beams=4)
+    r.add(DOCS)
+    queries = ["quick brown", "cancer gene", "vitamin blood", "lazy dog"]
+    stats = r.fit(
+        queries,
+        ["a", "b", "c", "d"],
+        steps=15,
+        batch_queries=4,
+        corpus_size=4,
+        lr=3e-3 if not lora else 1e-2,
+        lora=lora,
+        save_model_to=str(tmp_path / "tuned"),
+    )
+    losses = stats["losses"]
+    assert len(losses) == 15
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert len(r) == 4  # index rebuilt with the tuned weights
+    hits = r.search("lazy dog", k=2)
+    assert len(hits) == 2
+    r2 = InContextRetriever.load(r.path, show_progress=False)  # reopens with the tuned model
+    assert [h.document_id for h in r2.search("lazy dog", k=2)] == [h.document_id for h in hits]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_readout_and_prefill_equivalence(smollm2_gguf: Path, tmp_path: Path) -> None:
+    from intrinsic_retrieval.retrievers.incontext.prefill import prefill_blocks, prefill_packed
+
+    r = InContextRetriever(
+        str(smollm2_gguf),
+        path=str(tmp_path / "idx"),
+        max_doc_tokens=48,
+        kv_layers=8,
+        show_progress=False,
+    )
+    docs = [
+        {"id": "vit", "text": "Vitamin D deficiency is associated with higher fracture risk."},
+        {"id": "dog", "text": "The dog chased a ball across the park."},
+        {"id": "gene", "text": "The BRCA1 gene mutation increases breast cancer risk."},
+    ]
+    r.add(docs)
+    hits = r.search("Which gene mutation raises breast cancer risk?", k=3)
+    assert sorted(h.document_id for h in hits) == ["dog", "gene", "vit"]
+    blocks = [ids.tolist() for ids in r.store.varlen("ids", range(3))]
+    with torch.no_grad():
+        a = prefill_packed(r.adapter, blocks, 8)
+        b = prefill_blocks(r.adapter, blocks, 8)
+    for (ka, va), (kb, vb), stored in zip(a, b, r.store.varlen("k", range(3)), strict=True):
+        torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(stored.float(), ka, atol=2e-2, rtol=1e-2)  # fp16 storage

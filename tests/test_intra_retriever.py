@@ -1,0 +1,330 @@
+"""IntraRetriever on tiny random backbones: exact scoring, C0, ANN candidates, filters,
+persistence, bad input, generation from stored states, and fit with checkpoint/resume."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from support_intra import save
+
+from intrinsic_retrieval.errors import (
+    CheckpointMismatchError,
+    EmptyQueryError,
+    InvalidInputError,
+    ModelMismatchError,
+    UnsupportedArchitectureError,
+)
+from intrinsic_retrieval.retrievers.intra import IntraRetriever
+from intrinsic_retrieval.retrievers.intra.generate import generate_from_text, select_context
+from intrinsic_retrieval.retrievers.intra.qwk import QueryTap, folded_logits, key_rnorm
+
+TOPICS = ["protein folding", "solar panels", "river ecology", "vaccine trials", "jazz history"]
+DOCS = [
+    {
+        "id": f"d{i}",
+        "text": f"note {i} on {TOPICS[i % 5]} and {TOPICS[(i * 3) % 5]} ({i * 7})",
+        "metadata": {"topic": TOPICS[i % 5], "n": i},
+    }
+    for i in range(15)
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (two spin for ~10 ms per op on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    """Tiny models are saved with the all-MiniLM-L6-v2 tokenizer (skipped when it is absent)."""
+    return tmp_path_factory.mktemp("intra-models")
+
+
+def make(models: Path, tmp_path: Path, arch: str = "t5", seed: int = 0, **kw) -> IntraRetriever:
+    kw.setdefault("k0", 2)
+    kw.setdefault("pooled", 4)
+    kw.setdefault("retrieval_tokens", 3)
+    kw.setdefault("store_dtype", "float32")
+    return IntraRetriever(
+        save(arch, models, seed), path=tmp_path / f"idx-{arch}-{seed}", show_progress=False, **kw
+    )
+
+
+def brute_force(r: IntraRetriever, query: str, k: int) -> tuple[list[int], list[float]]:
+    """INTRA by the definitions, chunk by chunk, with no shared scoring code."""
+    live = r.store.live_rows().tolist()
+    qs = r.encode_states([query])[0].float()
+    pooled = r.store.fixed("pooled").float()
+    c0_scores = {row: float((qs @ pooled[row].t()).amax(1).sum()) for row in live}
+    c0 = sorted(live, key=lambda x: -c0_scores[x])[: r.k0]
+    with torch.no_grad():
+        folded = r.retrieval_pass(query, c0)
+    scores = {}
+    for row in live:
+        p = pooled[row]
+        rn = key_rnorm(p, r.layers) if r.adapter.key_norm else None
+        total = 0.0
+        for li, layer in enumerate(r.layers):
+            lg = folded_logits(
+                folded.vectors[li][None],
+                folded.const[li][None],
+                p[None],
+                layer,
+                None if rn is None else rn[None, :, li],
+            )[0]
+            total += float((lg.amax(-1) * r.head.alpha.detach()[li][:, None]).sum())
+        scores[row] = total
+    top = sorted(live, key=lambda x: -scores[x])[:k]
+    return top, [scores[x] for x in top]
+
+
+@pytest.mark.parametrize("arch", ["t5", "t5gemma2", "bert2bert"])
+def test_search_equals_brute_force(models: Path, tmp_path: Path, arch: str) -> None:
+    r = make(models, tmp_path, arch)
+    r.add(DOCS)
+    hits = r.search("vaccine trials on solar panels", k=6)
+    rows = [r.store.row_of(h.chunk_id) for h in hits]
+    want_rows, want_scores = brute_force(r, "vaccine trials on solar panels", 6)
+    assert rows == want_rows
+    assert [h.score for h in hits] == pytest.approx(want_scores, rel=1e-4, abs=1e-4)
+
+
+def test_retrieval_pass_reads_c0_and_tokens(models: Path, tmp_path: Path) -> None:
+    """The retrieval tokens' queries depend on C0 (they attend to it), and C0 = {} works."""
+    r = make(models, tmp_path, "t5")
+    r.add(DOCS)
+    with torch.no_grad():
+        a = r.retrieval_pass("jazz", [0, 1]).vectors
+        b = r.retrieval_pass("jazz", [2, 3]).vectors
+        c = r.retrieval_pass("jazz", []).vectors
+    assert a.shape == (len(r.layers), r.n_heads, r.m, r.dim)
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    r0 = make(models, tmp_path / "e", "t5", k0=0)
+    r0.add(DOCS)
+    assert len(r0.search("jazz history", k=4)) == 4
+
+
+def test_null_memory_is_no_cross_attention(models: Path, tmp_path: Path) -> None:
+    """C0 = {}: the decoder runs as if cross-attention contributed nothing (T5 with a zero
+    memory token gives exactly that, so it is a reference)."""
+    r = make(models, tmp_path, "t5")
+    r.add(DOCS)
+    prefix = r.decoder_prefix("jazz")
+    emb = torch.cat([r.adapter.decoder_embeddings()(prefix[None]), r.head.tokens[None]], 1)
+    zero = torch.zeros((1, 1, r.dim))
+    with torch.no_grad():
+        with QueryTap(r.layers, slice(-r.m, None), null_memory=True) as t1:
+            r.adapter.forward(zero, torch.zeros((1, 1), dtype=torch.long), emb)
+        with QueryTap(r.layers, slice(-r.m, None)) as t2:
+            r.adapter.forward(zero, torch.ones((1, 1), dtype=torch.long), emb)
+    torch.testing.assert_close(t1.folded().vectors, t2.folded().vectors)
+
+
+def test_encoder_mode_and_ann_candidates(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "t5")
+    r.add(DOCS)
+    exact = [h.chunk_id for h in r.search("river ecology", k=5)]
+    with r.using_mode("encoder"):
+        enc = r.search("river ecology", k=5)
+    assert len(enc) == 5 and enc[0].score >= enc[-1].score
+    # FAISS candidates per layer + exact rescoring: with enough neighbours, identical results
+    r.ann_threshold, r.ann_k = 1, 15 * r.p
+    assert [h.chunk_id for h in r.search("river ecology", k=5)] == exact
+    r.ann_k = 2  # few neighbours: still only real, exactly scored candidates
+    assert len(r.search("river ecology", k=3)) == 3
+
+
+def test_filters_k_and_deletes(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "t5")
+    r.add(DOCS)
+    hits = r.search("jazz", k=10, filter={"topic": "jazz history"})
+    assert hits and all(h.metadata["topic"] == "jazz history" for h in hits)
+    assert r.search("jazz", k=3, filter={"topic": "nothing"}) == []
+    assert len(r.search("jazz", k=100)) == 15  # k larger than the corpus
+    r.delete(["d4"])
+    assert "d4#0" not in [h.chunk_id for h in r.search("jazz history", k=15)]
+    ans = r.answer("jazz", k=3, filter={"topic": "nothing"})
+    assert ans.text == "" and ans.context == []
+
+
+def test_add_encodes_only_new_and_reload(models: Path, tmp_path: Path, monkeypatch) -> None:
+    r = make(models, tmp_path, "t5")
+    r.add(DOCS[:10])
+    seen: list[str] = []
+    orig = r._encode_chunks
+    monkeypatch.setattr(
+        r, "_encode_chunks", lambda chunks: seen.extend(c.id for c in chunks) or orig(chunks)
+    )
+    r.add(DOCS, on_duplicate="skip")
+    assert seen == [f"d{i}#0" for i in range(10, 15)]
+    before = [(h.chunk_id, h.score) for h in r.search("solar panels", k=5)]
+    path = r.path
+    r.close()
+    again = IntraRetriever.load(path, show_progress=False)
+    assert isinstance(again.store.fixed("pooled"), torch.Tensor) and len(again) == 15
+    after = [(h.chunk_id, h.score) for h in again.search("solar panels", k=5)]
+    assert [c for c, _ in after] == [c for c, _ in before]
+    assert [s for _, s in after] == pytest.approx([s for _, s in before], rel=1e-5)
+
+
+def test_bad_input(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "t5", max_length=16, chunk_overlap=4)
+    r.add(DOCS)
+    with pytest.raises(EmptyQueryError):
+        r.search("   ")
+    with pytest.raises(InvalidInputError):
+        r.search("jazz", k=0)
+    with pytest.warns(UserWarning, match="truncated"):
+        hits = r.search("jazz " * 40, k=2)
+    assert len(hits) == 2
+    with pytest.raises(InvalidInputError):
+        IntraRetriever(save("t5", models), pooled=0, path=tmp_path / "x")
+    # a store built by another model
+    with pytest.raises(ModelMismatchError):
+        IntraRetriever(save("t5", models, seed=1), path=r.path, show_progress=False)
+    # a retrieval head trained for another model
+    other = make(models, tmp_path / "o", "t5", seed=1)
+    other.save_head(tmp_path / "head.safetensors")
+    with pytest.raises(ModelMismatchError):
+        r.load_head(tmp_path / "head.safetensors")
+    # same model, another store: usable, with a warning
+    twin = make(models, tmp_path / "twin", "t5", max_length=16, chunk_overlap=4)
+    twin.save_head(tmp_path / "twin.safetensors")
+    with pytest.warns(UserWarning, match="another store"):
+        r.load_head(tmp_path / "twin.safetensors")
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(UnsupportedArchitectureError):
+        IntraRetriever(str(tmp_path / "bert"), path=tmp_path / "idx")
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart", "t5gemma", "t5gemma2", "bert2bert"])
+def test_answer_from_store_equals_reencoding(models: Path, tmp_path: Path, arch: str) -> None:
+    r = make(models, tmp_path, arch)
+    r.add(DOCS)
+    ans = r.answer("river ecology and jazz", k=3, max_new_tokens=4, return_logits=True)
+    assert len(ans.context) == 3
+    texts = [h.text for h in ans.context]
+    ids, logits = generate_from_text(
+        r, "river ecology and jazz", texts, max_new_tokens=4, return_logits=True
+    )
+    assert ans.token_ids == ids
+    torch.testing.assert_close(ans.logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_answer_half_precision_store_close(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "bert2bert", store_dtype="float16")
+    r.add(DOCS)
+    ans = r.answer("river ecology", k=2, max_new_tokens=3, return_logits=True)
+    _, logits = generate_from_text(
+        r, "river ecology", [h.text for h in ans.context], max_new_tokens=3, return_logits=True
+    )
+    assert (ans.logits[0] - logits[0]).abs().max() < 5e-2
+
+
+def test_select_context_follows_paper() -> None:
+    assert select_context([5, 6, 7, 8, 9], [1, 5], 5) == [5, 6, 7, 8, 1]
+    assert select_context([5, 6, 7, 8, 9], [6, 1], 5) == [5, 6, 7, 8, 9]
+    assert select_context([5, 6], [], 5) == [5, 6]
+
+
+def _train_data() -> tuple[list[str], list[list[str]]]:
+    qs = [f"about {t}" for t in TOPICS] * 2
+    pos = [[d["id"] for d in DOCS if d["metadata"]["topic"] == t] for t in TOPICS] * 2
+    return qs, pos
+
+
+def test_fit_lowers_loss_and_persists(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "t5")
+    r.add(DOCS)
+    qs, pos = _train_data()
+    out = r.fit(qs, pos, epochs=6, batch_size=5, lr=3e-2)
+    losses = out["losses"]
+    assert out["steps"] == 12 and r.trained
+    assert sum(losses[-2:]) < sum(losses[:2])
+    alpha = r.head.alpha.detach().clone()
+    path = r.path
+    r.close()
+    again = IntraRetriever.load(path, show_progress=False)
+    assert again.trained
+    torch.testing.assert_close(again.head.alpha, alpha)
+    again.reset_head()
+    assert not again.trained
+
+
+def test_fit_checkpoint_resume_matches_uninterrupted(models: Path, tmp_path: Path) -> None:
+    qs, pos = _train_data()
+    full = make(models, tmp_path / "a", "t5")
+    full.add(DOCS)
+    full.fit(qs, pos, epochs=2, batch_size=5, checkpoint_dir=tmp_path / "ck-a")
+    part = make(models, tmp_path / "b", "t5")
+    part.add(DOCS)
+    first = part.fit(
+        qs,
+        pos,
+        epochs=2,
+        batch_size=5,
+        checkpoint_dir=tmp_path / "ck-b",
+        checkpoint_every=1,
+        max_steps=2,
+    )
+    assert first["steps"] == 2 and not part.trained
+    fresh = make(models, tmp_path / "b", "t5")  # a new process reopening the store
+    second = fresh.fit(qs, pos, epochs=2, batch_size=5, checkpoint_dir=tmp_path / "ck-b")
+    assert second["steps"] == 4 and len(second["losses"]) == 4 and fresh.trained
+    torch.testing.assert_close(fresh.head.tokens, full.head.tokens, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fresh.head.alpha, full.head.alpha, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CheckpointMismatchError):
+        fresh.fit(qs[:5], pos[:5], epochs=2, batch_size=5, checkpoint_dir=tmp_path / "ck-b")
+
+
+def test_fit_bad_input(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "t5")
+    r.add(DOCS)
+    with pytest.raises(InvalidInputError):
+        r.fit(["q"], [["d1"], ["d2"]])
+    with pytest.raises(InvalidInputError):
+        r.fit(["q"], [["nope"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = r.fit({"1": "about jazz"}, {"1": {"d4": 1, "d9": 0}}, epochs=1)
+    assert out["examples"] == 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_stores_rank_like_float32(models: Path, tmp_path: Path, dtype: str) -> None:
+    full = make(models, tmp_path / "f32", "t5gemma2")
+    half = make(models, tmp_path / dtype, "t5gemma2", store_dtype=dtype, pooled_dtype=dtype)
+    full.add(DOCS)
+    half.add(DOCS)
+    assert half.store.fixed("pooled").dtype == getattr(torch, dtype)
+    assert half.store.varlen("states", [0])[0].dtype == getattr(torch, dtype)
+    a = [h.chunk_id for h in full.search("solar panels", k=3)]
+    b = [h.chunk_id for h in half.search("solar panels", k=3)]
+    assert len(set(a) & set(b)) >= 2
+
+
+def test_cpu_default_keeps_pooled_vectors_float32(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "t5", store_dtype="float16")
+    r.add(DOCS[:3])
+    assert r.store.fixed("pooled").dtype == torch.float32  # scan speed on CPU (see docs)
+    assert r.store.varlen("states", [0])[0].dtype == torch.float16
