@@ -94,6 +94,8 @@ def run(name: str) -> None:
     )
     chain = build_chain(retriever)
     print(f"== {name}: {type(retriever.retriever).__name__} ({len(retriever.retriever)} chunks)")
+    if getattr(retriever.retriever, "trained", True) is False:
+        print("   note: untrained retrieval head; fit() it first (docs/intra.md) to rank well")
     out = chain.invoke(QUESTIONS[0])
     print(f"Q: {out['question']}")
     for d in out["context"]:

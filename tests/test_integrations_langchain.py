@@ -21,7 +21,7 @@ from langchain_intrinsic_retrieval import IntrinsicRetriever
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 from pydantic import ValidationError
 from support_adapters import WAIT_S, ConcurrencyProbe, ListRetriever
-from test_protocol_conformance import CORPUS, FACTORIES, QUERY
+from test_protocol_conformance import CORPUS, FACTORIES, QUERY, build_filled
 
 from intrinsic_retrieval import (
     EmptyQueryError,
@@ -44,9 +44,7 @@ def _standard_tests(name: str) -> type:
         if name not in FACTORIES:
             pytest.skip(f"no small test factory for retriever {name!r} in FACTORIES")
         if "r" not in cache:
-            r = FACTORIES[name](None)
-            r.add(CORPUS)
-            cache["r"] = r
+            cache["r"] = build_filled(name)
         return cache["r"]
 
     class Standard(RetrieversIntegrationTests):
@@ -285,8 +283,7 @@ def test_save_and_load_a_protocol_implementation(tmp_path):
 def test_save_then_load_in_new_process_gives_identical_results(name, tmp_path):
     if name not in FACTORIES:
         pytest.skip(f"no small test factory for retriever {name!r}")
-    inner = FACTORIES[name](None)
-    inner.add(CORPUS)
+    inner = build_filled(name)
     r = IntrinsicRetriever(retriever=inner, k=5)
     expected = [(d.id, d.metadata["score"]) for d in r.invoke(QUERY)]
     r.save(tmp_path / "saved")

@@ -31,7 +31,7 @@ from llama_index.core.vector_stores.types import (
 )
 from llama_index.retrievers.intrinsic import IntrinsicRetriever, to_library_filter
 from support_adapters import WAIT_S, ListRetriever
-from test_protocol_conformance import CORPUS, FACTORIES, QUERY
+from test_protocol_conformance import CORPUS, FACTORIES, QUERY, build_filled
 
 from intrinsic_retrieval import (
     EmptyQueryError,
@@ -64,9 +64,7 @@ def _ids(nodes: list[NodeWithScore]) -> list[str]:
 def filled(request):
     if request.param not in FACTORIES:
         pytest.skip(f"no small test factory for retriever {request.param!r}")
-    r = FACTORIES[request.param](None)
-    r.add(CORPUS)
-    return r
+    return build_filled(request.param)
 
 
 def test_retrieve_and_aretrieve_for_every_retriever(filled):

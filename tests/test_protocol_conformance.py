@@ -87,12 +87,41 @@ def _incontext(path: str | None = None):
     return create_retriever("incontext", path=path, show_progress=False)
 
 
+def _generative(path: str | None = None):
+    """DSI on a tiny random T5 with atomic ids (trained by `PREPARE` after `add`)."""
+    from _generative_tiny import tiny_retriever
+
+    return tiny_retriever("t5", docids="atomic", num_beams=5, path=path)
+
+
+def _fit_generative(r) -> None:
+    from _generative_tiny import MEMORISE
+
+    r.fit(**MEMORISE)
+
+
 FACTORIES: dict[str, Callable] = {
     "bm25": _bm25,
     "dense": _dense,
     "intra": _intra,
     "incontext": _incontext,
+    "generative": _generative,
 }
+#: what a retriever needs between add() and search(): for DSI, indexing is training
+PREPARE: dict[str, Callable] = {"generative": _fit_generative}
+#: the protocol tests below search right after add(), so retrievers that need PREPARE are
+#: covered by their own suites (test_generative_*.py) instead
+CONFORMANCE = [n for n in sorted(FACTORIES) if n not in PREPARE]
+
+
+def build_filled(name: str, path: str | None = None):
+    """A small instance of registry retriever `name` holding CORPUS, ready to search."""
+    r = FACTORIES[name](path)
+    r.add(CORPUS)
+    PREPARE.get(name, lambda _: None)(r)
+    return r
+
+
 #: factories whose model takes long to build: their conformance runs are marked slow (the
 #: LangChain standard suite and the new-process reload test still run them by default)
 SLOW_FACTORIES = {"intra", "incontext"}
@@ -100,8 +129,7 @@ SLOW_FACTORIES = {"intra", "incontext"}
 
 @pytest.fixture(
     params=[
-        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FACTORIES else n
-        for n in sorted(FACTORIES)
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FACTORIES else n for n in CONFORMANCE
     ]
 )
 def make(request) -> Callable:
