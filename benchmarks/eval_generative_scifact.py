@@ -15,10 +15,7 @@ Writes benchmarks/results/generative_scifact.json (the format docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -46,27 +43,6 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "semantic-all-decoder_late": ("semantic", {"inputs": ALL, "train_mode": "decoder_late"}),
     "naive-all-decoder_late": ("naive", {"inputs": ALL, "train_mode": "decoder_late"}),
 }
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": None,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def main() -> None:
@@ -168,11 +144,13 @@ def main() -> None:
 
 
 def _write(args, rows, details, n_docs, n_labeled) -> None:
+    from intrinsic_retrieval.cli import machine_info
+
     cmd = "python benchmarks/eval_generative_scifact.py " + " ".join(sys.argv[1:])
     out = {
         "name": "generative_scifact",
         "command": cmd,
-        "machine": machine(),
+        "machine": machine_info(),
         "tables": [
             {
                 "title": f"Generative retrieval vs BM25 and dense on a SciFact subset "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
@@ -25,29 +24,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-
-
-def machine() -> dict:
-    import os
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": None,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
 
 
 def main() -> None:
@@ -75,6 +51,7 @@ def main() -> None:
     import torch
     from ir_measures import R, nDCG
 
+    from intrinsic_retrieval.cli import machine_info
     from intrinsic_retrieval.eval import load_beir
     from intrinsic_retrieval.eval.metrics import evaluate_run
     from intrinsic_retrieval.models.loading import smollm2_gguf_path
@@ -201,7 +178,7 @@ def main() -> None:
     result = {
         "name": "incontext_scifact",
         "command": "python " + " ".join(sys.argv),
-        "machine": machine(),
+        "machine": machine_info(),
         "tables": [
             {
                 "title": "SciFact dilution curve: quality vs corpus size (zero-shot SmolLM2-135M)",

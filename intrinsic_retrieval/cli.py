@@ -71,6 +71,7 @@ def parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
+    """The machine a figure was measured on; every benchmark records it."""
     import os
 
     import torch
@@ -88,6 +89,7 @@ def machine_info() -> dict[str, Any]:
         "gpu": gpu,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -1142,3 +1142,20 @@ def test_random_appends_deletes_compactions_match_a_simple_model(ops):
             )
         store.verify()
         store.close()
+
+
+def test_varlen_all_matches_per_row_views_across_shards(tmp_path):
+    store = EncodedChunkStore.create(
+        tmp_path / "s", fingerprint="fp", specs={"t": TensorSpec("varlen", "int64", ())}
+    )
+    rows = [torch.arange(i, 2 * i + 1) for i in range(7)]
+    for part in (rows[:3], rows[3:4], rows[4:]):
+        start = store.num_rows
+        store.append(
+            [Chunk(f"c{start + j}", "d", "x", {}) for j in range(len(part))], {"t": part}
+        )
+    flat, offsets = store.varlen_all("t")
+    assert offsets.tolist()[0] == 0 and offsets.tolist()[-1] == flat.shape[0]
+    for i, expected in enumerate(rows):
+        assert torch.equal(flat[offsets[i] : offsets[i + 1]], expected)
+        assert torch.equal(store.varlen("t", [i])[0], expected)

@@ -120,10 +120,9 @@ class BM25Retriever(StoreRetriever):
         n = store.num_rows
         corpus: list[list[str]] = []
         if n:
-            lengths = store.varlen_lengths("terms")
-            flat = torch.cat(store.varlen("terms", range(n))) if n else torch.empty(0)
+            flat, offsets = store.varlen_all("terms")
             tokens = np.char.mod("%x", flat.numpy().view(np.uint64)) if len(flat) else np.array([])
-            bounds = np.concatenate([[0], np.cumsum(lengths.numpy())])
+            bounds = offsets.tolist()
             corpus = [tokens[bounds[i] : bounds[i + 1]].tolist() for i in range(n)]
         bm25 = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
         bm25.index(corpus, show_progress=False)

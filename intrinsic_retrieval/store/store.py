@@ -847,6 +847,23 @@ class EncodedChunkStore:
                 out.append(flat[int(off[local]) : int(off[local + 1])])
             return out
 
+    def varlen_all(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of a variable-length tensor at once: ``(flat (total, *shape), offsets
+        (num_rows + 1,))``, row i being ``flat[offsets[i]:offsets[i + 1]]`` (tombstones
+        included). For whole-store scans without per-row work; one shard is zero-copy."""
+        spec = self._spec(name, "varlen")
+        with self._mutex:
+            flats = []
+            for s in self._manifest["shards"]:
+                data = self._shard_data(s)
+                flats.append(data[name][: int(data[f"{name}.offsets"][-1])])
+        lengths = self.varlen_lengths(name)
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        if not flats:
+            return torch.empty((0, *spec.shape), dtype=spec.torch_dtype), offsets
+        return (flats[0] if len(flats) == 1 else torch.cat(flats, 0)), offsets
+
     def varlen_lengths(self, name: str) -> torch.Tensor:
         """``(num_rows,)`` int64 lengths of a variable-length tensor."""
         self._spec(name, "varlen")
