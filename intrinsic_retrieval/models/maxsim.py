@@ -19,6 +19,7 @@ returned on that device, scores in float32.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -394,6 +395,25 @@ def _iter_varlen(
             start = stop
 
 
+def _varlen_blocks(
+    queries: torch.Tensor,
+    flat_docs: torch.Tensor,
+    offsets: torch.Tensor,
+    device: torch.device | str | None,
+    **kwargs: Any,
+) -> tuple[Iterator[RowsAndScores], int, int, torch.device]:
+    """Validate varlen inputs once for both public entry points; returns (blocks, Q, N, dev)."""
+    queries = _as_queries(queries)
+    if flat_docs.dim() != 2 or flat_docs.shape[1] != queries.shape[-1]:
+        raise DimensionMismatchError(
+            f"flat_docs must be (T, {queries.shape[-1]}), got {tuple(flat_docs.shape)}"
+        )
+    offsets = _check_offsets(flat_docs, offsets)
+    dev = torch.device(device) if device is not None else flat_docs.device
+    blocks = _iter_varlen(queries, flat_docs, offsets, device=dev, **kwargs)
+    return blocks, queries.shape[0], offsets.numel() - 1, dev
+
+
 def maxsim_varlen(
     queries: torch.Tensor,
     flat_docs: torch.Tensor,
@@ -412,17 +432,11 @@ def maxsim_varlen(
     `block_size` counts document vectors per block here. Empty documents and non-candidates
     score -inf.
     """
-    queries = _as_queries(queries)
-    if flat_docs.dim() != 2 or flat_docs.shape[1] != queries.shape[-1]:
-        raise DimensionMismatchError(
-            f"flat_docs must be (T, {queries.shape[-1]}), got {tuple(flat_docs.shape)}"
-        )
-    offsets = _check_offsets(flat_docs, offsets)
-    dev = torch.device(device) if device is not None else flat_docs.device
-    blocks = _iter_varlen(queries, flat_docs, offsets, query_mask=query_mask,
-                          candidates=candidates, block_size=block_size, weights=weights,
-                          device=dev, memory_budget=memory_budget)
-    return _full(blocks, queries.shape[0], offsets.numel() - 1, dev, candidates)
+    blocks, Q, N, dev = _varlen_blocks(
+        queries, flat_docs, offsets, device, query_mask=query_mask, candidates=candidates,
+        block_size=block_size, weights=weights, memory_budget=memory_budget,
+    )
+    return _full(blocks, Q, N, dev, candidates)
 
 
 def maxsim_varlen_topk(
@@ -439,14 +453,8 @@ def maxsim_varlen_topk(
     memory_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`maxsim_varlen` with a running top-k (see `maxsim_topk`)."""
-    queries = _as_queries(queries)
-    if flat_docs.dim() != 2 or flat_docs.shape[1] != queries.shape[-1]:
-        raise DimensionMismatchError(
-            f"flat_docs must be (T, {queries.shape[-1]}), got {tuple(flat_docs.shape)}"
-        )
-    offsets = _check_offsets(flat_docs, offsets)
-    dev = torch.device(device) if device is not None else flat_docs.device
-    blocks = _iter_varlen(queries, flat_docs, offsets, query_mask=query_mask,
-                          candidates=candidates, block_size=block_size, weights=weights,
-                          device=dev, memory_budget=memory_budget)
-    return _topk(blocks, queries.shape[0], k, dev, candidates)
+    blocks, Q, _, dev = _varlen_blocks(
+        queries, flat_docs, offsets, device, query_mask=query_mask, candidates=candidates,
+        block_size=block_size, weights=weights, memory_budget=memory_budget,
+    )
+    return _topk(blocks, Q, k, dev, candidates)
