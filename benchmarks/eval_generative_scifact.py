@@ -42,6 +42,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "semantic-firstp+labeled": ("semantic", {"inputs": ("firstp", "labeled")}),
     "semantic-all-decoder_late": ("semantic", {"inputs": ALL, "train_mode": "decoder_late"}),
     "naive-all-decoder_late": ("naive", {"inputs": ALL, "train_mode": "decoder_late"}),
+    "atomic-firstp+daq+labeled-decoder_late": (
+        "atomic",
+        {"inputs": ("firstp", "daq", "labeled"), "train_mode": "decoder_late"},
+    ),
 }
 
 
