@@ -54,24 +54,22 @@ def _query_weights(
     Q, m = queries.shape[:2]
     w = torch.ones((Q, m), dtype=torch.float32, device=device)
     if weights is not None:
-        weights = torch.as_tensor(weights)
-        if weights.dim() == 1:
-            weights = weights.unsqueeze(0).expand(Q, -1)
-        if tuple(weights.shape) != (Q, m):
-            raise DimensionMismatchError(
-                f"weights must be (Q, m) = {(Q, m)} or (m,), got {tuple(weights.shape)}"
-            )
+        weights = _per_query_vector(weights, Q, m, "weights must be (Q, m) = {} or (m,)")
         w = w * weights.to(device=device, dtype=torch.float32)
     if query_mask is not None:
-        query_mask = torch.as_tensor(query_mask)
-        if query_mask.dim() == 1:
-            query_mask = query_mask.unsqueeze(0).expand(Q, -1)
-        if tuple(query_mask.shape) != (Q, m):
-            raise DimensionMismatchError(
-                f"query_mask must be (Q, m) = {(Q, m)}, got {tuple(query_mask.shape)}"
-            )
+        query_mask = _per_query_vector(query_mask, Q, m, "query_mask must be (Q, m) = {}")
         w = w * query_mask.to(device=device, dtype=torch.bool).float()
     return w
+
+
+def _per_query_vector(x: Any, Q: int, m: int, expected: str) -> torch.Tensor:
+    """Broadcast an ``(m,)`` tensor to ``(Q, m)`` and check the shape."""
+    x = torch.as_tensor(x)
+    if x.dim() == 1:
+        x = x.unsqueeze(0).expand(Q, -1)
+    if tuple(x.shape) != (Q, m):
+        raise DimensionMismatchError(f"{expected.format((Q, m))}, got {tuple(x.shape)}")
+    return x
 
 
 def _candidate_rows(candidates: torch.Tensor | None, n: int) -> torch.Tensor | None:
