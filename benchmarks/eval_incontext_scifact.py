@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -177,8 +178,10 @@ def main() -> None:
     cfg = icr.adapter
     result = {
         "name": "incontext_scifact",
+        "title": "InContextRetriever (BlockSearch): SciFact dilution curve, "
+        f"{args.max_doc_tokens}-token blocks, {args.kv_layers} layers",
         "command": "python " + " ".join(sys.argv),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "load_average_1_5_15_at_end": os.getloadavg()},
         "tables": [
             {
                 "title": "SciFact dilution curve: quality vs corpus size (zero-shot SmolLM2-135M)",
@@ -219,8 +222,9 @@ def main() -> None:
                     ["KV fp16 bytes/doc (measured store shards)", round(bytes_fp16["stored"])],
                     ["KV int8 + fp16 scales bytes/doc (measured, 20 docs)", round(bytes_int8)],
                     [
-                        "routing-layer keys only, fp16 + token ids (computed)",
-                        round(bytes_fp16["routing_keys_fp16"]),
+                        "K/V tensors alone, fp16 bytes/doc (measured; routing-keys storage: "
+                        "see incontext_bytes.json)",
+                        round(bytes_fp16["kv"]),
                     ],
                     [
                         "prefill seconds/doc (this run)",

@@ -30,7 +30,8 @@ def _cell(v: object) -> str:
 
 
 def _machine(m: dict) -> str:
-    keys = ["cpu", "cores", "gpu", "torch", "platform", "date"]
+    keys = ["cpu", "cores", "threads", "gpu", "torch", "platform", "date", "note",
+            "load_average_1_5_15_at_end"]
     return ", ".join(f"{k}: {m[k]}" for k in keys if m.get(k) is not None)
 
 

@@ -131,7 +131,10 @@ def _reference_logits(model, blocks, query, q_offset, window=None):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("int8", [False, True])
-def test_streaming_query_attention_equals_model_forward(arch: str, int8: bool) -> None:
+@pytest.mark.parametrize("backend", ["einsum", "flex"])
+def test_streaming_query_attention_equals_model_forward(
+    arch: str, int8: bool, backend: str
+) -> None:
     model = tiny(arch)
     ad = adapter_for(model)
     blocks = _blocks(5, seed=2)
@@ -155,6 +158,7 @@ def test_streaming_query_attention_equals_model_forward(arch: str, int8: bool) -
             num_layers=ad.num_layers,
             block_docs=2,
             mass_layers=[0, 2],
+            backend=backend,
         )
         got = ad.logits(ad.final_norm(res.hidden))[0]
         ref = _reference_logits(
@@ -211,3 +215,96 @@ def test_routing_keeps_top_documents_and_ssmax_changes_scores() -> None:
             ad, corpus, q, q_offset=12, num_layers=3, mass_layers=[2], ssmax=[2.0, 2.0, 2.0]
         )
         assert not torch.allclose(plain.masses[2][1], scaled.masses[2][1])
+
+
+def _stored(kv, k_layers: int, v_layers: int, kv_dtype: str) -> CorpusKV:
+    """Blocks as a store of `kv_dtype` holds them: keys of the first `k_layers` layers, values
+    of the first `v_layers` (a routing-keys store: r + 1 and r)."""
+    from intrinsic_retrieval.retrievers.incontext.recompute import to_storage
+
+    ks, vs = [to_storage(k[:, :k_layers], kv_dtype) for k, _ in kv], []
+    if v_layers:
+        vs = [to_storage(v[:, :v_layers], kv_dtype) for _, v in kv]
+    int8 = kv_dtype == "int8"
+    return CorpusKV(
+        [a for a, _ in ks],
+        [a for a, _ in vs] or None,
+        [s for _, s in ks] if int8 else None,
+        [s for _, s in vs] if int8 and vs else None,
+    )
+
+
+@pytest.mark.parametrize("route_layer", [0, 1])
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16", "int8"])
+def test_routing_keys_storage_equals_full_storage(route_layer: int, kv_dtype: str) -> None:
+    from intrinsic_retrieval.retrievers.incontext.recompute import BlockCache, RecomputedKV
+
+    model = tiny("llama")
+    ad = adapter_for(model)
+    blocks = _blocks(6, seed=5)
+    L = ad.num_layers
+    with torch.no_grad():
+        kv = prefill_blocks(ad, blocks, L)
+        full = _stored(kv, L, L, kv_dtype)
+        part = RecomputedKV(
+            _stored(kv, route_layer + 1, route_layer, kv_dtype),
+            ad,
+            lambda rows: [blocks[r] for r in rows],
+            route_layer=route_layer,
+            num_layers=L,
+            kv_dtype=kv_dtype,
+            cache=BlockCache(2),
+            prefill_batch=16,
+        )
+        q = torch.tensor([[1, 2, 3, 4]])
+        kw = dict(
+            q_offset=12,
+            num_layers=L,
+            block_docs=2,
+            route_layer=route_layer,
+            route_top=3,
+            route_before_attend=True,
+            mass_layers=range(L),
+            ssmax=[0.5] * L,
+        )
+        a = query_pass(ad, full, q, **kw)
+        b = query_pass(ad, part, q, **kw)
+        # only the routed blocks were recomputed, and all of them stay held (beyond capacity 2)
+        assert part.recomputed_blocks == 3 and len(part.cache) == 3
+        assert a.routed is not None and b.routed is not None and b.route_scores is not None
+        assert a.routed.tolist() == b.routed.tolist()
+        torch.testing.assert_close(b.route_scores, a.route_scores, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.hidden, a.hidden, atol=1e-5, rtol=1e-4)
+        for layer in range(L):
+            assert a.masses[layer][0].tolist() == b.masses[layer][0].tolist()
+            torch.testing.assert_close(b.masses[layer][1], a.masses[layer][1], atol=1e-5, rtol=0)
+            # layers before the routing layer read every block, the rest the routed ones only
+            assert len(b.masses[layer][0]) == (6 if layer < route_layer else 3)
+        # routing from the keys alone picks what routing after the attention picks
+        late = query_pass(ad, full, q, **{**kw, "route_before_attend": False})
+        assert late.routed is not None and late.route_scores is not None
+        assert late.routed.tolist() == a.routed.tolist()
+        torch.testing.assert_close(late.route_scores, a.route_scores, atol=1e-5, rtol=1e-5)
+        # a decoding step reuses the routing decision and the recomputed blocks
+        step = {**kw, "mass_layers": ()}
+        sa = query_pass(ad, full, torch.tensor([[5]]), cache=a.cache, routed=a.routed, **step)
+        sb = query_pass(ad, part, torch.tensor([[5]]), cache=b.cache, routed=b.routed, **step)
+        torch.testing.assert_close(sb.hidden, sa.hidden, atol=1e-5, rtol=1e-4)
+        assert part.recomputed_blocks == 3
+        # routing everything equals no routing at all
+        every = query_pass(ad, part, q, **{**kw, "route_top": 6})
+        plain = query_pass(ad, full, q, q_offset=12, num_layers=L, block_docs=2, ssmax=[0.5] * L)
+        torch.testing.assert_close(every.hidden, plain.hidden, atol=1e-5, rtol=1e-4)
+        # recomputed keys/values equal the stored ones on every layer both hold
+        docs = torch.arange(len(blocks))
+        for layer in range(route_layer, L):
+            kf, vf, valid = full.batch(layer, docs, ad.device)
+            kr, vr, valid_r = part.batch(layer, docs, ad.device)
+            assert torch.equal(valid, valid_r)
+            torch.testing.assert_close(kr[valid], kf[valid], atol=1e-6, rtol=0)
+            torch.testing.assert_close(vr[valid], vf[valid], atol=1e-6, rtol=0)
+        (kf, valid), (kr, _) = (
+            full.keys(route_layer, docs, ad.device),
+            part.keys(route_layer, docs, ad.device),
+        )
+        torch.testing.assert_close(kr[valid], kf[valid])

@@ -252,3 +252,111 @@ def test_smollm2_gguf_readout_and_prefill_equivalence(smollm2_gguf: Path, tmp_pa
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(stored.float(), ka, atol=2e-2, rtol=1e-2)  # fp16 storage
+
+
+def test_flex_backend_ranks_like_einsum(tiny_llama: str, tmp_path: Path) -> None:
+    r = make(tiny_llama, tmp_path, ssmax="auto")
+    r.add(DOCS)
+    ref = r.search("solar panels on roofs", k=4)
+    r.configure(attention_backend="flex")
+    got = r.search("solar panels on roofs", k=4)
+    assert [h.chunk_id for h in got] == [h.chunk_id for h in ref]
+    for a, b in zip(got, ref, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+    with pytest.raises(InvalidInputError):
+        r.configure(attention_backend="sdpa")
+    with pytest.raises(InvalidInputError):
+        make(tiny_llama, tmp_path / "x", attention_backend="triton")
+
+
+def _ranked(r: InContextRetriever, query: str, k: int = 4) -> list[tuple[str, float]]:
+    return [(h.document_id, h.score) for h in r.search(query, k=k)]
+
+
+def _same_ranking(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> None:
+    assert [x for x, _ in a] == [x for x, _ in b]
+    for (_, sa), (_, sb) in zip(a, b, strict=True):
+        assert sa == pytest.approx(sb, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"route_layer": 1},
+        {"route_layer": 0, "ssmax": "auto", "kv_source": "ram"},
+        {"route_layer": 1, "kv_dtype": "int8", "calibrate": False},
+        {"route_layer": 1, "scoring": "codes", "num_beams": 3},
+    ],
+)
+def test_routing_keys_storage_ranks_like_full_storage(
+    tiny_llama: str, tmp_path: Path, opts
+) -> None:
+    docs = [*DOCS, {"id": "e", "text": "gene study of mice"}, {"id": "f", "text": "dog blood"}]
+    full = make(tiny_llama, tmp_path / "full", route_top=3, route_before_attend=True, **opts)
+    full.add(docs)
+    part = make(tiny_llama, tmp_path / "part", route_top=3, kv_storage="routing", **opts)
+    part.add(docs)
+    for q in ("fox dog", "protein gene cells"):
+        _same_ranking(_ranked(part, q, 6), _ranked(full, q, 6))
+    # the routed blocks of a repeated query come from the cache, not another prefill
+    corpus = part.corpus()
+    before = corpus.recomputed_blocks
+    assert before > 0
+    _ranked(part, "fox dog", 6)
+    assert corpus.recomputed_blocks == before
+
+
+def test_routing_keys_storage_routing_everything_equals_no_routing(
+    tiny_llama: str, tmp_path: Path
+) -> None:
+    plain = make(tiny_llama, tmp_path / "p")
+    plain.add(DOCS)
+    part = make(tiny_llama, tmp_path / "r", kv_storage="routing", route_layer=1, route_top=4)
+    part.add(DOCS)
+    for q in ("dog", "vitamin blood"):
+        _same_ranking(_ranked(part, q), _ranked(plain, q))
+
+
+def test_routing_keys_storage_bytes_roundtrip_and_refusals(tiny_llama: str, tmp_path: Path) -> None:
+    full = make(tiny_llama, tmp_path / "full")
+    full.add(DOCS)
+    part = make(tiny_llama, tmp_path / "part", kv_storage="routing", route_layer=0, route_top=2)
+    part.add(DOCS)
+    assert set(part.store.specs) == {"ids", "k", "code", "span"}  # r = 0: no values at all
+    fb, pb = full.bytes_per_document(), part.bytes_per_document()
+    assert fb["tokens"] == pb["tokens"]
+    assert pb["kv"] * 5 < fb["kv"]  # keys of 1 of 3 layers vs keys and values of 3
+    assert pb["stored"] * 3 < fb["stored"]
+    before = _ranked(part, "blood risk")
+    part.save(tmp_path / "copy")
+    again = InContextRetriever.load(tmp_path / "copy", show_progress=False)
+    assert again.kv_storage == "routing" and again.route_layer == 0
+    _same_ranking(_ranked(again, "blood risk"), before)
+    again.add([{"id": "e", "text": "fox fox fox"}])  # appends keep working (and the cache)
+    assert "e" in {h.document_id for h in again.search("fox", k=5)}
+    again.configure(route_top=5, route_layer=0, recompute_cache_docs=0)  # same layer: fine
+    assert len(again.search("fox", k=5)) == 5
+    with pytest.raises(InvalidInputError, match="index-defining"):
+        again.configure(route_layer=1)
+    with pytest.raises(InvalidInputError, match="route_before_attend"):
+        again.configure(route_before_attend=False)
+    part.close()
+    full.close()
+    with pytest.raises(ModelMismatchError):  # a full store is not a routing-keys store
+        make(tiny_llama, tmp_path / "full", kv_storage="routing", route_layer=0)
+    with pytest.raises(ModelMismatchError):  # nor is one routed at another layer
+        make(tiny_llama, tmp_path / "part", kv_storage="routing", route_layer=1)
+    with pytest.raises(InvalidInputError, match="route_layer"):
+        make(tiny_llama, tmp_path / "x", kv_storage="routing")
+    with pytest.raises(InvalidInputError, match="kv_storage"):
+        make(tiny_llama, tmp_path / "x", kv_storage="keys")
+    with pytest.raises(InvalidInputError, match="route_before_attend"):
+        make(
+            tiny_llama,
+            tmp_path / "x",
+            kv_storage="routing",
+            route_layer=0,
+            route_before_attend=False,
+        )
+    with pytest.raises(InvalidInputError, match="recompute_cache_docs"):
+        make(tiny_llama, tmp_path / "x", recompute_cache_docs=-1)

@@ -328,3 +328,18 @@ def test_cpu_default_keeps_pooled_vectors_float32(models: Path, tmp_path: Path) 
     r.add(DOCS[:3])
     assert r.store.fixed("pooled").dtype == torch.float32  # scan speed on CPU (see docs)
     assert r.store.varlen("states", [0])[0].dtype == torch.float16
+
+
+def test_bert2bert_cross_init_copies_self_attention(minilm_path: str) -> None:
+    from intrinsic_retrieval.retrievers.intra.retriever import build_bert2bert
+
+    with pytest.raises(InvalidInputError, match="cross_init"):
+        build_bert2bert(minilm_path, cross_init="zeros")
+    warm = build_bert2bert(minilm_path, seed=0, cross_init="self")
+    for layer in warm.decoder.bert.encoder.layer:
+        for (name, w_self), w_cross in zip(
+            layer.attention.state_dict().items(),
+            layer.crossattention.state_dict().values(),
+            strict=True,
+        ):
+            assert torch.equal(w_self, w_cross), name

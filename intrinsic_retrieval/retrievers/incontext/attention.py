@@ -11,7 +11,8 @@ Two length-aware options from the paper:
   (``count="tokens"``) or blocks attended (``count="docs"``);
 * document-level routing — at one layer, documents are scored by QK-MaxSim (for each query token
   and head the max logit over the document's tokens, summed over tokens, averaged over heads); only
-  the top-B documents are attended to by later layers.
+  the top-B documents are attended to by later layers (or, with ``route_before_attend``, by the
+  routing layer itself and later ones, scored from that layer's keys alone).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import DecoderAdapter
+from .blockattn import BatchLogits, attend_batch, resolve_backend, visible_keys
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,13 +42,15 @@ class CorpusKV:
     """Stored blocks held layer-major: per layer one flat ``(total_tokens, Hkv, D)`` tensor.
 
     Built from per-document ``(T, L, Hkv, D)`` tensors (float, or int8 with ``(T, L, Hkv)``
-    scales). Tensors may require grad (training reuses the query pass).
+    scales). Tensors may require grad (training reuses the query pass). Values may cover fewer
+    layers than keys (a routing-keys store: keys of layers ``0..r``, values of ``0..r-1``; None
+    when r = 0); `keys` then serves the extra key layer.
     """
 
     def __init__(
         self,
         keys: Sequence[torch.Tensor],
-        values: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor] | None,
         k_scales: Sequence[torch.Tensor] | None = None,
         v_scales: Sequence[torch.Tensor] | None = None,
     ) -> None:
@@ -57,14 +61,15 @@ class CorpusKV:
         self.offsets = torch.zeros(len(keys) + 1, dtype=torch.long)
         self.offsets[1:] = torch.cumsum(self.lengths, 0)
         self.k = [torch.cat([k[:, layer] for k in keys]) for layer in range(self.num_layers)]
-        self.v = [torch.cat([v[:, layer] for v in values]) for layer in range(self.num_layers)]
+        v_layers = int(values[0].shape[1]) if values else 0
+        self.v = [torch.cat([v[:, layer] for v in values or []]) for layer in range(v_layers)]
         self.ks = self.vs = None
-        if k_scales is not None and v_scales is not None:
+        if k_scales is not None:
             self.ks = [
                 torch.cat([s[:, layer] for s in k_scales]) for layer in range(self.num_layers)
             ]
             self.vs = [
-                torch.cat([s[:, layer] for s in v_scales]) for layer in range(self.num_layers)
+                torch.cat([s[:, layer] for s in v_scales or []]) for layer in range(v_layers)
             ]
 
     def __len__(self) -> int:
@@ -75,20 +80,32 @@ class CorpusKV:
         parts = [*self.k, *self.v, *(self.ks or []), *(self.vs or [])]
         return sum(p.numel() * p.element_size() for p in parts)
 
+    def _index(self, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lens = self.lengths[docs]
+        ar = torch.arange(int(lens.max()))
+        valid = ar[None, :] < lens[:, None]
+        return torch.where(valid, self.offsets[docs][:, None] + ar[None, :], 0), valid
+
     def batch(
         self, layer: int, docs: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values ``(n, Tmax, Hkv, D)`` (float32) and validity ``(n, Tmax)`` of `docs`."""
-        lens = self.lengths[docs]
-        width = int(lens.max())
-        ar = torch.arange(width)
-        valid = ar[None, :] < lens[:, None]
-        idx = torch.where(valid, self.offsets[docs][:, None] + ar[None, :], 0)
+        idx, valid = self._index(docs)
         k, v = self.k[layer][idx], self.v[layer][idx]
         if self.ks is not None and self.vs is not None:
             k = dequantize_int8(k, self.ks[layer][idx])
             v = dequantize_int8(v, self.vs[layer][idx])
         return k.to(device).float(), v.to(device).float(), valid.to(device)
+
+    def keys(
+        self, layer: int, docs: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``(n, Tmax, Hkv, D)`` (float32) and validity of `docs` (routing reads no values)."""
+        idx, valid = self._index(docs)
+        k = self.k[layer][idx]
+        if self.ks is not None:
+            k = dequantize_int8(k, self.ks[layer][idx])
+        return k.to(device).float(), valid.to(device)
 
 
 @dataclass
@@ -126,6 +143,31 @@ def _ssmax_factor(
     return s * torch.log(n.clamp(min=2.0))
 
 
+def route_documents(
+    corpus: CorpusKV,
+    layer: int,
+    qg: torch.Tensor,
+    docs: torch.Tensor,
+    spec: BatchLogits,
+    top: int | None,
+    block_docs: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK-MaxSim of `docs` from `layer`'s keys alone (the same reduction as the in-pass
+    routing): the top `top` documents best first, and every document's score."""
+    if not len(docs):
+        return docs, torch.empty(0)
+    parts = []
+    for start in range(0, len(docs), block_docs):
+        kb, valid = corpus.keys(layer, docs[start : start + block_docs], qg.device)
+        lg = spec.adjust(torch.einsum("bhgqd,nthd->bhgqnt", qg, kb), 3)
+        best = lg.masked_fill(~visible_keys(spec, valid), float("-inf")).amax(-1)
+        best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+        parts.append(best.sum(3).mean((1, 2)).sum(0))
+    scores = torch.cat(parts)
+    keep = torch.topk(scores, min(top or len(docs), len(docs)))
+    return docs[keep.indices.cpu()], scores
+
+
 def query_pass(
     adapter: DecoderAdapter,
     corpus: CorpusKV,
@@ -141,18 +183,32 @@ def query_pass(
     route_layer: int | None = None,
     route_top: int | None = None,
     routed: torch.Tensor | None = None,
+    route_before_attend: bool = False,
     mass_layers: Sequence[int] = (),
     mass_tokens: torch.Tensor | None = None,
     start_layer: int = 0,
     hidden: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> QueryResult:
     """Run `input_ids` ``(B, Tq)`` (positions ``q_offset + cache.length + i``) through layers
     ``0..num_layers-1`` attending to `docs` (default: all blocks of `corpus`) and, causally, to
     themselves. With `route_layer`/`route_top`, layers after the routing layer attend only to the
     top documents; pass `routed` to reuse an earlier routing decision (decoding steps).
     `start_layer` with `hidden` (the residual stream entering it) resumes a pass part-way; the
-    returned cache then holds only the layers run."""
+    returned cache then holds only the layers run. `backend` computes each block batch's
+    attention (see `blockattn`: "einsum", "flex", or "auto" = flex on CUDA).
+
+    `route_before_attend` moves routing in front of the routing layer's attention: documents
+    are scored by QK-MaxSim with that layer's *keys only* (no values read) and the routing
+    layer's attention itself, like every later layer, covers only the routed documents. This is
+    what a routing-keys store (`recompute.RecomputedKV`) can serve; a full store under the same
+    option gives the same result. A corpus with a ``prepare(docs)`` method is told the routed
+    set once per pass."""
+    pre_route = route_layer if route_before_attend else None
+    if route_before_attend:
+        route_layer = None  # the in-loop (after-attention) routing below stays off
     dev = adapter.device
+    backend = resolve_backend(backend, dev)
     bsz, tq = input_ids.shape
     past = cache.length if cache is not None else 0
     pos = (q_offset + past + torch.arange(tq, device=dev)).expand(bsz, tq)
@@ -178,28 +234,30 @@ def query_pass(
             adapter.softcap(layer),
             adapter.sliding_window(layer),
         )
+        if pre_route is not None and layer >= pre_route and active is not routed:
+            if routed is None:  # score every candidate with the stored routing-layer keys
+                s_r = ssmax[layer] if ssmax is not None and layer < len(ssmax) else None
+                all_tok = int(corpus.lengths[active].sum())
+                f_all = _ssmax_factor(s_r, ssmax_count, all_tok, len(active), past + qi + 1)
+                spec_all = BatchLogits(scale, cap, f_all, window, q_offset + past + qi)
+                routed, scores = route_documents(
+                    corpus, layer, qg, active, spec_all, route_top, block_docs
+                )
+                result.route_scores = torch.full((len(corpus),), float("-inf"))
+                result.route_scores[active] = scores.detach().cpu()
+                result.routed = routed
+            active = routed
+            prepare = getattr(corpus, "prepare", None)
+            if prepare is not None:
+                prepare(routed)
         n_doc_tok = int(corpus.lengths[active].sum())
         s_l = ssmax[layer] if ssmax is not None and layer < len(ssmax) else None
         factor = _ssmax_factor(s_l, ssmax_count, n_doc_tok, len(active), past + qi + 1)
 
-        def adjust(
-            logits: torch.Tensor,
-            qdim: int,
-            scale: float = scale,
-            cap: float | None = cap,
-            factor: torch.Tensor | None = factor,
-        ) -> torch.Tensor:
-            logits = logits * scale
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
-            if factor is not None:
-                shape = [1] * logits.dim()
-                shape[qdim] = tq
-                logits = logits * factor.view(shape)
-            return logits
+        spec = BatchLogits(scale, cap, factor, window, q_offset + past + qi)
 
         # the query's own tokens (causal, and within the sliding window if any)
-        ls = adjust(torch.einsum("bhgqd,bhsd->bhgqs", qg, k.float()), 3)
+        ls = spec.adjust(torch.einsum("bhgqd,bhsd->bhgqs", qg, k.float()), 3)
         kpos = torch.arange(k.shape[2], device=dev)
         vis = kpos[None, :] <= (past + qi)[:, None]
         if window is not None:
@@ -210,31 +268,26 @@ def query_pass(
 
         doc_lse: list[torch.Tensor] = []
         route_parts: list[torch.Tensor] = []
-        tpos_cache: dict[int, torch.Tensor] = {}
         for start in range(0, len(active), block_docs):
             chunk = active[start : start + block_docs]
             kb, vb, valid = corpus.batch(layer, chunk, dev)
-            width = kb.shape[1]
-            lg = adjust(torch.einsum("bhgqd,nthd->bhgqnt", qg, kb), 3)
-            mask = valid[None, :, :].expand(tq, -1, -1)  # (q, n, t)
-            if window is not None:
-                tpos = tpos_cache.setdefault(width, torch.arange(width, device=dev))
-                near = (q_offset + past + qi)[:, None] - tpos[None, :] < window
-                mask = mask & near[:, None, :]
-            lg = lg.masked_fill(~mask, float("-inf"))
-            if layer == route_layer:
-                best = lg.amax(-1)  # (b, h, g, q, n)
+            part = attend_batch(
+                backend, qg, kb, vb, valid, spec,
+                doc_lse=layer in mass_set, doc_max=layer == route_layer,
+            )
+            if part.doc_max is not None:
+                best = part.doc_max  # (b, h, g, q, n)
                 best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
                 route_parts.append(best.sum(3).mean((1, 2)).sum(0))
-            lse_d = torch.logsumexp(lg, -1)  # (b, h, g, q, n)
-            lse_b = torch.logsumexp(lse_d, -1)
-            safe = torch.where(torch.isfinite(lse_b), lse_b, torch.zeros_like(lse_b))
-            ob = torch.einsum("bhgqnt,nthd->bhgqd", torch.exp(lg - safe[..., None, None]), vb)
-            new = torch.logaddexp(run_lse, lse_b)
-            out = out * torch.exp(run_lse - new)[..., None] + ob * torch.exp(safe - new)[..., None]
+            safe = torch.where(torch.isfinite(part.lse), part.lse, torch.zeros_like(part.lse))
+            new = torch.logaddexp(run_lse, part.lse)
+            out = (
+                out * torch.exp(run_lse - new)[..., None]
+                + part.out * torch.exp(safe - new)[..., None]
+            )
             run_lse = new
-            if layer in mass_set:
-                doc_lse.append(lse_d)
+            if part.doc_lse is not None:
+                doc_lse.append(part.doc_lse)
         if doc_lse:
             mass = torch.exp(torch.cat(doc_lse, -1) - run_lse[..., None])  # (b, hkv, g, q, n)
             mass = mass.reshape(bsz, hkv * g, tq, -1)

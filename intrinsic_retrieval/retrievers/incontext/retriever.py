@@ -9,6 +9,7 @@ by decoding their codes. See docs/incontext.md.
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,11 +25,14 @@ from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
 from .adapters import adapter_for
 from .attention import CorpusKV, QueryResult, default_ssmax, quantize_int8, query_pass
+from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
 from .prefill import prefill_blocks
+from .recompute import BlockCache, RecomputedKV
 from .scoring import constrained_beam_search, readout_scores
 
 SCORINGS = ("readout", "codes")
+KV_STORAGES = ("full", "routing")
 
 
 class StoreKV:
@@ -67,6 +71,20 @@ class StoreKV:
             valid[i, :n] = True
         return k.to(device), v.to(device), valid.to(device)
 
+    def keys(self, layer: int, docs: torch.Tensor, device: torch.device):
+        """Keys only (routing before attention reads no values)."""
+        rows = docs.tolist()
+        width = int(self.lengths[docs].max())
+        ks = self.store.varlen("k", rows)
+        kss = self.store.varlen("k_scale", rows) if self.int8 else None
+        k = torch.zeros((len(rows), width, *ks[0].shape[2:]), dtype=torch.float32)
+        for i, kr in enumerate(ks):
+            k[i, : kr.shape[0]] = (
+                kr[:, layer] if kss is None else kr[:, layer].float() * kss[i][:, layer][..., None]
+            )
+        valid = torch.arange(width)[None, :] < self.lengths[docs][:, None]
+        return k.to(device), valid.to(device)
+
 
 class InContextRetriever(StoreRetriever):
     """A decoder-only LM reads the corpus as independent document blocks; the query attends to
@@ -76,7 +94,10 @@ class InContextRetriever(StoreRetriever):
     "int8"), `kv_layers` (layers whose keys/values are stored: the query pass runs exactly these),
     `scoring` ("readout" zero-shot, or "codes" for a fine-tuned model), `readout_layers` /
     `readout_heads`, `calibrate`, `ssmax` (scalable-softmax ``s_l``: a float, one per layer, or
-    "auto" = ``1/log(ssmax_reference)``), `route_layer` / `route_top` (QK-MaxSim routing).
+    "auto" = ``1/log(ssmax_reference)``), `route_layer` / `route_top` (QK-MaxSim routing),
+    `route_before_attend` (route from the routing layer's keys before its attention),
+    `kv_storage` ("full", or "routing": store only what layers up to `route_layer` need and
+    recompute the routed blocks' later layers at query time, `recompute_cache_docs` kept).
     """
 
     name = "incontext"
@@ -94,6 +115,7 @@ class InContextRetriever(StoreRetriever):
         kv_dtype: str = "float16",
         kv_layers: int | None = None,
         kv_source: str = "mmap",
+        kv_storage: str = "full",
         scoring: str = "readout",
         readout_layers: Sequence[int] | None = None,
         readout_heads: Sequence[int] | None = None,
@@ -104,8 +126,11 @@ class InContextRetriever(StoreRetriever):
         ssmax_reference: int = 2048,
         route_layer: int | None = None,
         route_top: int = 256,
+        route_before_attend: bool | None = None,
+        recompute_cache_docs: int = 64,
         num_beams: int = 10,
         block_docs: int = 64,
+        attention_backend: str = "auto",
         prefill_batch: int = 8,
         path: str | None = None,
         chunk_size: int | None = None,
@@ -125,6 +150,21 @@ class InContextRetriever(StoreRetriever):
             raise InvalidInputError("ssmax_count must be 'tokens' or 'docs'")
         if int(max_doc_tokens) < 8:
             raise InvalidInputError(f"max_doc_tokens must be >= 8, got {max_doc_tokens}")
+        if kv_storage not in KV_STORAGES:
+            raise InvalidInputError(f"kv_storage must be one of {KV_STORAGES}, got {kv_storage!r}")
+        if kv_storage == "routing" and route_layer is None:
+            raise InvalidInputError(
+                "kv_storage='routing' stores keys up to the routing layer: pass route_layer=r"
+            )
+        if kv_storage == "routing" and route_before_attend is False:
+            raise InvalidInputError(
+                "kv_storage='routing' routes before the routing layer's attention (its values "
+                "are not stored): route_before_attend cannot be False"
+            )
+        if int(recompute_cache_docs) < 0:
+            raise InvalidInputError(
+                f"recompute_cache_docs must be >= 0, got {recompute_cache_docs}"
+            )
         self.model_name = model
         self.gguf_file = gguf_file
         self.device_arg, self.dtype_arg = device, dtype
@@ -165,8 +205,16 @@ class InContextRetriever(StoreRetriever):
             raise InvalidInputError(f"route_layer must lie in [0, {self.kv_layers})")
         self.route_layer = None if route_layer is None else int(route_layer)
         self.route_top = int(route_top)
+        self.kv_storage = kv_storage
+        self.route_before_attend = kv_storage == "routing" or bool(route_before_attend)
+        self._block_cache = BlockCache(int(recompute_cache_docs))
         self.num_beams = int(num_beams)
         self.block_docs = int(block_docs)
+        if attention_backend not in BACKENDS:
+            raise InvalidInputError(
+                f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}"
+            )
+        self.attention_backend = attention_backend
         self.prefill_batch = int(prefill_batch)
         self.format = PromptFormat(self.tokenizer, self.code_digits)
         self.format.block(0, [], self.max_doc_tokens)  # fails now if the markers leave no room
@@ -210,8 +258,11 @@ class InContextRetriever(StoreRetriever):
         "ssmax_reference",
         "route_layer",
         "route_top",
+        "route_before_attend",
+        "recompute_cache_docs",
         "num_beams",
         "block_docs",
+        "attention_backend",
     )
 
     def configure(self, **options: Any) -> None:
@@ -224,12 +275,32 @@ class InContextRetriever(StoreRetriever):
             )
         if options.get("scoring", self.scoring) not in SCORINGS:
             raise InvalidInputError(f"scoring must be one of {SCORINGS}")
+        if options.get("attention_backend", self.attention_backend) not in BACKENDS:
+            raise InvalidInputError(f"attention_backend must be one of {BACKENDS}")
+        if self.kv_storage == "routing":
+            if "route_layer" in options and options["route_layer"] != self.route_layer:
+                raise InvalidInputError(
+                    f"route_layer is index-defining with kv_storage='routing' (the store holds "
+                    f"keys up to layer {self.route_layer}); build another index to change it"
+                )
+            if options.get("route_before_attend", True) is False:
+                raise InvalidInputError(
+                    "kv_storage='routing' cannot attend before routing (values of the routing "
+                    "layer are not stored): route_before_attend must stay True"
+                )
+        if int(options.get("recompute_cache_docs", 0)) < 0:
+            raise InvalidInputError("recompute_cache_docs must be >= 0")
+        if "route_before_attend" in options:
+            self.route_before_attend = bool(options["route_before_attend"])
+        if "recompute_cache_docs" in options:
+            self._block_cache.capacity = int(options["recompute_cache_docs"])
         for key in (
             "ssmax_count",
             "ssmax_reference",
             "route_top",
             "num_beams",
             "block_docs",
+            "attention_backend",
             "readout_tokens",
             "calibrate",
             "scoring",
@@ -259,20 +330,30 @@ class InContextRetriever(StoreRetriever):
     def _spanner(self) -> Spanner:
         return tokenizer_spans(self.tokenizer)
 
+    def _stored_layers(self) -> tuple[int, int]:
+        """Layers whose keys and whose values the store holds (0..n-1 each)."""
+        if self.kv_storage == "routing":
+            r = int(self.route_layer)  # type: ignore[arg-type]
+            return r + 1, r
+        return self.kv_layers, self.kv_layers
+
     def _specs(self) -> dict[str, TensorSpec]:
         ad = self.adapter
-        per_tok = (self.kv_layers, ad.num_kv_heads, ad.head_dim)
+        k_layers, v_layers = self._stored_layers()
+        heads = (ad.num_kv_heads, ad.head_dim)
         store_dtype = "int8" if self.kv_dtype == "int8" else self.kv_dtype
         specs = {
             "ids": TensorSpec("varlen", "int32", ()),
-            "k": TensorSpec("varlen", store_dtype, per_tok),
-            "v": TensorSpec("varlen", store_dtype, per_tok),
+            "k": TensorSpec("varlen", store_dtype, (k_layers, *heads)),
             "code": TensorSpec("fixed", "int64", ()),
             "span": TensorSpec("fixed", "int32", (2,)),
         }
+        if v_layers:
+            specs["v"] = TensorSpec("varlen", store_dtype, (v_layers, *heads))
         if self.kv_dtype == "int8":
-            specs["k_scale"] = TensorSpec("varlen", "float16", per_tok[:2])
-            specs["v_scale"] = TensorSpec("varlen", "float16", per_tok[:2])
+            specs["k_scale"] = TensorSpec("varlen", "float16", (k_layers, heads[0]))
+            if v_layers:
+                specs["v_scale"] = TensorSpec("varlen", "float16", (v_layers, heads[0]))
         return specs
 
     def _fingerprint(self) -> str:
@@ -280,6 +361,8 @@ class InContextRetriever(StoreRetriever):
             f"incontext|format=v{FORMAT_VERSION}|max_doc_tokens={self.max_doc_tokens}|"
             f"digits={self.code_digits}|kv={self.kv_dtype}|layers={self.kv_layers}"
         )
+        if self.kv_storage == "routing":  # full stores keep their existing fingerprints
+            recipe += f"|storage=routing@{self.route_layer}"
         return combine_fingerprints(
             recipe, model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer)
         )
@@ -296,6 +379,7 @@ class InContextRetriever(StoreRetriever):
             "kv_dtype": self.kv_dtype,
             "kv_layers": self.kv_layers,
             "kv_source": self.kv_source,
+            "kv_storage": self.kv_storage,
             "scoring": self.scoring,
             "readout_layers": self.readout_layers,
             "readout_heads": self.readout_heads,
@@ -306,8 +390,11 @@ class InContextRetriever(StoreRetriever):
             "ssmax_reference": self.ssmax_reference,
             "route_layer": self.route_layer,
             "route_top": self.route_top,
+            "route_before_attend": self.route_before_attend,
+            "recompute_cache_docs": self._block_cache.capacity,
             "num_beams": self.num_beams,
             "block_docs": self.block_docs,
+            "attention_backend": self.attention_backend,
             "prefill_batch": self.prefill_batch,
         }
 
@@ -352,10 +439,12 @@ class InContextRetriever(StoreRetriever):
         self._pending_codes.extend(codes)
         blocks = self.encode_blocks(codes, [c.text for c in chunks])
         self.truncated_ids.extend(c.id for c, b in zip(chunks, blocks, strict=True) if b[3])
+        k_layers, v_layers = self._stored_layers()
         with torch.inference_mode():
             kv = prefill_blocks(
-                self.adapter, [b[0] for b in blocks], self.kv_layers, batch_size=self.prefill_batch
+                self.adapter, [b[0] for b in blocks], k_layers, batch_size=self.prefill_batch
             )
+        kv = [(k[:, :k_layers], v[:, :v_layers]) for k, v in kv]
         out: dict[str, Any] = {
             "ids": [torch.tensor(b[0], dtype=torch.int32) for b in blocks],
             "code": torch.tensor(codes, dtype=torch.int64),
@@ -364,23 +453,24 @@ class InContextRetriever(StoreRetriever):
         if self.kv_dtype == "int8":
             kq = [quantize_int8(k.cpu()) for k, _ in kv]
             vq = [quantize_int8(v.cpu()) for _, v in kv]
-            out.update(
-                k=[a for a, _ in kq],
-                v=[a for a, _ in vq],
-                k_scale=[s for _, s in kq],
-                v_scale=[s for _, s in vq],
-            )
+            out.update(k=[a for a, _ in kq], k_scale=[s for _, s in kq])
+            if v_layers:
+                out.update(v=[a for a, _ in vq], v_scale=[s for _, s in vq])
         else:
             dt = torch.float16 if self.kv_dtype == "float16" else torch.float32
-            out.update(k=[k.cpu().to(dt) for k, _ in kv], v=[v.cpu().to(dt) for _, v in kv])
+            out.update(k=[k.cpu().to(dt) for k, _ in kv])
+            if v_layers:
+                out.update(v=[v.cpu().to(dt) for _, v in kv])
         return out
 
     def _on_open(self) -> None:
         self._corpus = None
         self._null_cache.clear()
+        self._block_cache.clear()  # rows may be renumbered (compaction) or weights changed (fit)
 
     def _on_rows_added(self, rows: range, tensors: Mapping[str, Any]) -> None:
-        self._on_open()
+        self._corpus = None  # existing rows (and their recomputed blocks) are unchanged
+        self._null_cache.clear()
 
     def _on_rows_deleted(self, rows: Sequence[int]) -> None:
         self._null_cache.clear()
@@ -390,17 +480,27 @@ class InContextRetriever(StoreRetriever):
         """Stored blocks in query-pass form (all store rows; candidates are chosen per query)."""
         if self._corpus is None:
             int8 = self.kv_dtype == "int8"
+            has_v = self._stored_layers()[1] > 0
             if self.kv_source == "mmap":
                 self._corpus = StoreKV(self.store, int8)
             else:
                 rows = range(self.store.num_rows)
-                k, v = self.store.varlen("k", rows), self.store.varlen("v", rows)
-                scales = (
-                    (self.store.varlen("k_scale", rows), self.store.varlen("v_scale", rows))
-                    if int8
-                    else (None, None)
+                k = self.store.varlen("k", rows)
+                v = self.store.varlen("v", rows) if has_v else None
+                ks = self.store.varlen("k_scale", rows) if int8 else None
+                vs = self.store.varlen("v_scale", rows) if int8 and has_v else None
+                self._corpus = CorpusKV(k, v, ks, vs)
+            if self.kv_storage == "routing":
+                self._corpus = RecomputedKV(
+                    self._corpus,
+                    self.adapter,
+                    lambda rows: [t.tolist() for t in self.store.varlen("ids", rows)],
+                    route_layer=int(self.route_layer),  # type: ignore[arg-type]
+                    num_layers=self.kv_layers,
+                    kv_dtype=self.kv_dtype,
+                    cache=self._block_cache,
+                    prefill_batch=self.prefill_batch,
                 )
-                self._corpus = CorpusKV(k, v, *scales)
         return self._corpus
 
     def read_texts(self, rows: Sequence[int]) -> list[str]:
@@ -413,19 +513,22 @@ class InContextRetriever(StoreRetriever):
         return out
 
     def bytes_per_document(self) -> dict[str, float]:
-        """Stored bytes per live document: the KV shards and, for comparison, what storing only
-        a routing layer's keys (fp16) would take."""
-        n = max(1, len(self.store))
+        """Measured bytes per stored block (rows on disk, deleted ones included until `compact`),
+        for whichever `kv_storage` the store uses: `stored` = all shard bytes (ids, code, span,
+        KV, offsets, headers); `kv` = the key/value tensors and int8 scales alone; `tokens` =
+        mean block length."""
+        n = self.store.num_rows
+        if not n:
+            return {"stored": 0.0, "kv": 0.0, "tokens": 0.0}
         shard_bytes = sum(s["bytes"] for s in self.store._manifest["shards"])
-        lengths = self.store.varlen_lengths("ids").float()
-        ad = self.adapter
-        per_token_key = ad.num_kv_heads * ad.head_dim * 2
-        return {
-            "stored": shard_bytes / n,
-            "routing_keys_fp16": float(lengths.mean()) * (per_token_key + 4)
-            if len(lengths)
-            else 0.0,
-        }
+        kv = 0
+        for name in ("k", "v", "k_scale", "v_scale"):
+            spec = self.store.specs.get(name)
+            if spec is not None:
+                per_row = math.prod(spec.shape) * spec.torch_dtype.itemsize
+                kv += int(self.store.varlen_lengths(name).sum()) * per_row
+        tokens = float(self.store.varlen_lengths("ids").float().mean())
+        return {"stored": shard_bytes / n, "kv": kv / n, "tokens": tokens}
 
     def _query_ids(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids, s, e, cut = self.format.query(text, self.max_query_tokens)
@@ -452,8 +555,10 @@ class InContextRetriever(StoreRetriever):
             num_layers=num_layers,
             docs=docs,
             block_docs=self.block_docs,
+            backend=self.attention_backend,
             ssmax=self.ssmax,
             ssmax_count=self.ssmax_count,
+            route_before_attend=self.route_before_attend,
             **kw,
         )
 
@@ -463,11 +568,16 @@ class InContextRetriever(StoreRetriever):
         hit = self._null_cache.get(key)
         if hit is None:
             ids, sel = self._query_ids(NULL_QUERY)
-            upto = self._depth() if self.route_layer is None else self.route_layer + 1
+            upto = self._depth() if self.route_layer is None else self._routed_from()
             res = self._pass(ids, docs, upto, mass_layers=self.readout_layers, mass_tokens=sel)
             hit = (res, {"sel": sel, "ids": ids})
             self._null_cache = {key: hit}
         return hit[0]
+
+    def _routed_from(self) -> int:
+        """First layer that attends only to the routed documents."""
+        assert self.route_layer is not None
+        return self.route_layer + (0 if self.route_before_attend else 1)
 
     def _depth(self) -> int:
         """Layers the readout needs: up to the last readout layer (and the routing layer)."""
@@ -492,7 +602,8 @@ class InContextRetriever(StoreRetriever):
         if self.calibrate:
             null = self._null(docs)
             null_masses = dict(null.masses)
-            if res.routed is not None and depth > self.route_layer + 1:  # type: ignore[operator]
+            if res.routed is not None and depth > self._routed_from():
+                # the content-free query resumes where routing starts, over the same routed set
                 nids, nsel = self._query_ids(NULL_QUERY)
                 cont = self._pass(
                     nids,
@@ -500,8 +611,10 @@ class InContextRetriever(StoreRetriever):
                     depth,
                     mass_layers=self.readout_layers,
                     mass_tokens=nsel,
-                    start_layer=self.route_layer + 1,
-                    hidden=null.hidden,  # type: ignore[operator]
+                    start_layer=self._routed_from(),
+                    hidden=null.hidden,
+                    route_layer=self.route_layer,
+                    routed=res.routed,
                 )
                 null_masses.update(cont.masses)
         n = self.store.num_rows

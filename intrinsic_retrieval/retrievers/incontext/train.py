@@ -168,6 +168,7 @@ def _loss_with_order(
             q_offset=r.max_doc_tokens,
             num_layers=r.adapter.num_layers,
             block_docs=r.block_docs,
+            backend=r.attention_backend,
             ssmax=r.ssmax,
             ssmax_count=r.ssmax_count,
         )

@@ -51,9 +51,20 @@ _RECIPE_VERSION = 1
 _MODES = ("intra", "encoder")
 
 
-def build_bert2bert(path: str, seed: int = 0) -> torch.nn.Module:
+CROSS_INITS = ("random", "self")
+
+
+def build_bert2bert(path: str, seed: int = 0, cross_init: str = "random") -> torch.nn.Module:
     """`EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)` with a seeded, hence
-    reproducible (same fingerprint every run), initialisation of the new cross-attention."""
+    reproducible (same fingerprint every run), initialisation of the new cross-attention.
+
+    `cross_init="self"` copies each decoder layer's pretrained self-attention (query, key, value,
+    output projection and norm) into its cross-attention. INTRA scores chunks with the
+    cross-attention's W_K^T W_Q bilinear form; a random one is uncorrelated with relevance, and
+    training only the retrieval tokens and alpha cannot change it. The copy gives it the
+    pretrained matching form instead."""
+    if cross_init not in CROSS_INITS:
+        raise InvalidInputError(f"cross_init must be one of {CROSS_INITS}, got {cross_init!r}")
     from transformers import AutoTokenizer, EncoderDecoderModel
     from transformers.utils import logging as hf_logging
 
@@ -66,6 +77,11 @@ def build_bert2bert(path: str, seed: int = 0) -> torch.nn.Module:
             model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if cross_init == "self":
+        with torch.no_grad():
+            for layer in model.decoder.bert.encoder.layer:
+                src, dst = layer.attention, layer.crossattention
+                dst.load_state_dict(src.state_dict())
     model.config.decoder_start_token_id = tok.cls_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.config.eos_token_id = tok.sep_token_id
@@ -104,6 +120,7 @@ class IntraRetriever(StoreRetriever):
         max_length: int | None = None,
         batch_size: int = 16,
         seed: int = 0,
+        cross_init: str = "random",
         ann_threshold: int = 50_000,
         ann_k: int = 32,
         ann_nprobe: int = 16,
@@ -134,7 +151,10 @@ class IntraRetriever(StoreRetriever):
                 raise InvalidInputError(f"{nm} must be an int >= {lo}, got {v!r}")
         self.model_name = model
         self.device_arg, self.dtype_arg, self.seed = device, dtype, int(seed)
-        self.model, self.tokenizer = self._load(model, device, dtype, self.seed)
+        if cross_init not in CROSS_INITS:
+            raise InvalidInputError(f"cross_init must be one of {CROSS_INITS}, got {cross_init!r}")
+        self.cross_init = cross_init
+        self.model, self.tokenizer = self._load(model, device, dtype, self.seed, cross_init)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.device = next(self.model.parameters()).device
@@ -182,13 +202,16 @@ class IntraRetriever(StoreRetriever):
 
     # ------------------------------------------------------------------ model
     @staticmethod
-    def _load(model: str | None, device: str | None, dtype: str | None, seed: int):
+    def _load(
+        model: str | None, device: str | None, dtype: str | None, seed: int, cross_init: str
+    ):
         from ...models import load_tokenizer, resolve_device, resolve_dtype
 
         if model is None or model == DEFAULT_MODEL:
             path = default_dense_model_path()
             dev = resolve_device(device)
-            net = build_bert2bert(path, seed).to(device=dev, dtype=resolve_dtype(dev, dtype))
+            net = build_bert2bert(path, seed, cross_init)
+            net = net.to(device=dev, dtype=resolve_dtype(dev, dtype))
             return net, load_tokenizer(path)
         return load_model(model, kind="seq2seq", device=device, dtype=dtype)
 
@@ -232,6 +255,7 @@ class IntraRetriever(StoreRetriever):
             "max_length": self.max_length,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "cross_init": self.cross_init,
             "ann_threshold": self.ann_threshold,
             "ann_k": self.ann_k,
             "ann_nprobe": self.ann_nprobe,
