@@ -54,7 +54,12 @@ def grow(r, base_rows: int, target: int) -> None:
     """Append copies of the first `base_rows` encoded rows until the store holds `target`."""
     from intrinsic_retrieval.types import Chunk
 
-    states = [s[:16].clone() for s in r.store.varlen("states", range(base_rows))]
+    # token states (and their int8 scales, for an int8 store), cut to 16 tokens
+    varlen = {
+        name: [s[:16].clone() for s in r.store.varlen(name, range(base_rows))]
+        for name in ("states", "states_scale")
+        if name in r.store.specs
+    }
     pooled = r.store.fixed("pooled")[:base_rows].clone().float()
     rms = pooled.pow(2).mean(-1, keepdim=True).sqrt()
     gen = torch.Generator().manual_seed(target)
@@ -65,7 +70,8 @@ def grow(r, base_rows: int, target: int) -> None:
         noisy = pooled[idx] + 0.5 * rms[idx] * torch.randn(pooled[idx].shape, generator=gen)
         noisy = noisy.to(r.store.fixed("pooled").dtype)
         chunks = [Chunk(f"s{n + i}#0", f"s{n + i}", "synthetic", {}) for i in range(b)]
-        rows = r.store.append(chunks, {"states": [states[i] for i in idx], "pooled": noisy})
+        copies = {name: [v[i] for i in idx] for name, v in varlen.items()}
+        rows = r.store.append(chunks, {**copies, "pooled": noisy})
         r._on_rows_added(rows, {"pooled": noisy})
         n += b
 

@@ -137,6 +137,7 @@ def main() -> None:
     machine["torch_threads"] = args.threads
     result = {
         "name": "maxsim",
+        "title": "MaxSim scan over pooled vectors: throughput vs a plain copy",
         "command": command.strip(),
         "machine": machine,
         "tables": [{

@@ -343,3 +343,96 @@ def test_bert2bert_cross_init_copies_self_attention(minilm_path: str) -> None:
             strict=True,
         ):
             assert torch.equal(w_self, w_cross), name
+
+
+# ---------------------------------------------------------------- int8 token states
+def test_int8_store_round_trip_and_bytes(models: Path, tmp_path: Path) -> None:
+    full = make(models, tmp_path / "f32", "t5")
+    half = make(models, tmp_path / "f16", "t5", store_dtype="float16")
+    r = make(models, tmp_path / "i8", "t5", store_dtype="int8")
+    for x in (full, half, r):
+        x.add(DOCS)
+    specs = r.store.specs
+    assert specs["states"].dtype == "int8" and specs["states_scale"].shape == (1,)
+    assert "states_scale" not in half.store.specs
+    assert r.store.fixed("pooled").dtype == torch.float32  # pooled vectors are not quantised
+    torch.testing.assert_close(r.store.fixed("pooled"), full.store.fixed("pooled"))
+    # per token: |error| <= absmax / 254 (half of one of 127 steps per side) + absmax * 2^-11
+    # (the float16 scale's own rounding, times up to 127 steps)
+    rows = list(range(len(DOCS)))
+    for got, ref in zip(r.stored_states(rows), full.stored_states(rows), strict=True):
+        bound = ref.abs().amax(-1, keepdim=True) * (1 / 254 + 2**-11) + 1e-6
+        assert ((got - ref).abs() <= bound).all()
+    # stored tensor bytes: d int8 codes + one fp16 scale per token vs 2d bytes (d = 32 here)
+    b8, b16 = r.bytes_per_chunk(), half.bytes_per_chunk()
+    assert b8["states"] == pytest.approx(b16["states"] * (r.dim + 2) / (2 * r.dim))
+    assert b8["states"] < 0.55 * b16["states"] and b8["stored"] < b16["stored"]
+    before = [(h.chunk_id, h.score) for h in r.search("solar panels", k=5)]
+    states = r.stored_states([0, 3])
+    path = r.path
+    r.close()
+    again = IntraRetriever.load(path, show_progress=False)
+    assert again.store_dtype == "int8" and again.store.varlen("states", [0])[0].dtype == torch.int8
+    for a, b in zip(again.stored_states([0, 3]), states, strict=True):
+        assert torch.equal(a, b)
+    assert [(h.chunk_id, h.score) for h in again.search("solar panels", k=5)] == before
+
+
+def test_int8_store_searches_and_answers_like_float16(models: Path, tmp_path: Path) -> None:
+    half = make(models, tmp_path / "f16", "t5", store_dtype="float16")
+    r = make(models, tmp_path / "i8", "t5", store_dtype="int8")
+    half.add(DOCS)
+    r.add(DOCS)
+    for q in ("solar panels", "jazz", "river ecology"):
+        # the encoder stage reads only pooled vectors (same in both stores): the same ranking
+        with r.using_mode("encoder"), half.using_mode("encoder"):
+            enc8, enc16 = r.search(q, k=15), half.search(q, k=15)
+        assert [h.chunk_id for h in enc8] == [h.chunk_id for h in enc16]
+        assert [h.score for h in enc8] == pytest.approx([h.score for h in enc16], rel=1e-6)
+        # full INTRA reads C0's dequantised states: scores move by ~1e-3 on this model (scores
+        # ~2), far below the gaps between its top-5 scores, so the ranking must not change
+        a, b = r.search(q, k=5), half.search(q, k=5)
+        assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=5e-3)
+    # generation from int8 states: each state element is off by <= 0.4% of its token's absmax,
+    # so logits should move by well under 1% of their magnitude (measured: 0.14%, vs 0.005%
+    # for fp16); greedy choices here have margins >= 0.06, 8x the measured logit difference
+    q = "river ecology and jazz"
+    a8 = r.answer(q, k=3, max_new_tokens=4, return_logits=True)
+    a16 = half.answer(q, k=3, max_new_tokens=4, return_logits=True)
+    assert [h.chunk_id for h in a8.context] == [h.chunk_id for h in a16.context]
+    assert (a8.logits - a16.logits).abs().max() <= 0.01 * a16.logits.abs().max()
+    assert a8.token_ids == a16.token_ids and a8.text == a16.text
+
+
+def test_int8_store_dtype_is_part_of_the_recipe(models: Path, tmp_path: Path) -> None:
+    r8 = make(models, tmp_path / "i8", "t5", store_dtype="int8")
+    r8.add(DOCS[:3])
+    r16 = make(models, tmp_path / "f16", "t5", store_dtype="float16")
+    r16.add(DOCS[:3])
+    with pytest.raises(ModelMismatchError):
+        make(models, tmp_path / "i8", "t5", store_dtype="float16")
+    with pytest.raises(ModelMismatchError):
+        make(models, tmp_path / "f16", "t5", store_dtype="int8")
+    with pytest.raises(InvalidInputError, match="pooled_dtype"):
+        make(models, tmp_path / "p8", "t5", store_dtype="int8", pooled_dtype="int8")
+    with pytest.raises(InvalidInputError, match="store_dtype"):
+        make(models, tmp_path / "i4", "t5", store_dtype="int4")
+
+
+def test_int8_store_add_delete_and_fit(models: Path, tmp_path: Path) -> None:
+    r = make(models, tmp_path, "t5", store_dtype="int8")
+    r.add(DOCS[:10])
+    r.add(DOCS, on_duplicate="skip")
+    assert len(r) == 15
+    lengths = r.store.varlen_lengths("states")
+    assert torch.equal(lengths, r.store.varlen_lengths("states_scale"))
+    r.delete(["d4", "d9"])
+    ids = [h.chunk_id for h in r.search("jazz history", k=15)]
+    assert len(ids) == 13 and "d4#0" not in ids and "d9#0" not in ids
+    ans = r.answer("jazz history", k=3, max_new_tokens=2)
+    assert len(ans.context) == 3 and len(ans.token_ids) == 2
+    qs, pos = _train_data()
+    pos = [[d for d in p if d not in ("d4", "d9")] for p in pos]
+    out = r.fit(qs, pos, epochs=1, batch_size=5)
+    assert out["steps"] == 2 and r.trained

@@ -23,19 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...models.quant import dequantize_int8
+from ...models.quant import quantize_int8 as quantize_int8  # re-exported (moved to models.quant)
 from .adapters import DecoderAdapter
 from .blockattn import BatchLogits, attend_batch, resolve_backend, visible_keys
-
-
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-vector int8 over the last dim: (codes int8, scale float16)."""
-    scale = x.float().abs().amax(-1).clamp(min=1e-8) / 127.0
-    q = torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale.to(torch.float16)
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[..., None]
 
 
 class CorpusKV:

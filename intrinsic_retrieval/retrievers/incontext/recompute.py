@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from ...models.quant import dequantize_int8, quantize_int8
 from .adapters import DecoderAdapter
-from .attention import dequantize_int8, quantize_int8
 from .prefill import prefill_blocks
 
 #: one recomputed block in storage form: k, v ``(T, L', Hkv, D)`` and int8 scales (or None)

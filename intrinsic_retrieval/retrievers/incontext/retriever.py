@@ -20,11 +20,12 @@ from ...chunking import Spanner, tokenizer_spans
 from ...errors import InvalidInputError
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import load_model, smollm2_gguf_path
+from ...models.quant import quantize_int8
 from ...store import TensorSpec
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
 from .adapters import adapter_for
-from .attention import CorpusKV, QueryResult, default_ssmax, quantize_int8, query_pass
+from .attention import CorpusKV, QueryResult, default_ssmax, query_pass
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
 from .prefill import prefill_blocks

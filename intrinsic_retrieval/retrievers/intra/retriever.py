@@ -1,7 +1,8 @@
 """`IntraRetriever`: INTRA (INTrinsic Retrieval via Attention) on the encoded-chunk store.
 
 Per chunk the store keeps, from one encoder pass: the full encoder token states (``states``,
-varlen, reused as cross-attention memory for C0 and for generation), `pooled` mean-pooled
+varlen, reused as cross-attention memory for C0 and for generation; with ``store_dtype="int8"``
+int8 codes plus one float16 scale per token in ``states_scale``), `pooled` mean-pooled
 vectors (``pooled``, fixed ``(p, d)``, what every score reads) and, for key-normed backbones
 (T5Gemma2), the per-(layer, KV head) key RMS factors of those pooled vectors (``rnorm``).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any
@@ -37,6 +39,7 @@ from ...models import (
     pool_segments_batch,
     tokenizer_fingerprint,
 )
+from ...models.quant import dequantize_int8, quantize_int8
 from ...store import TensorSpec
 from ...types import Chunk
 from ..base import Ranked, StoreRetriever
@@ -49,6 +52,8 @@ from .qwk import Folded, QueryTap, key_rnorm, topk_pooled
 DEFAULT_MODEL = "bert2bert:all-MiniLM-L6-v2"
 _RECIPE_VERSION = 1
 _MODES = ("intra", "encoder")
+STORE_DTYPES = ("float16", "bfloat16", "float32", "int8")
+POOLED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 CROSS_INITS = ("random", "self")
@@ -100,8 +105,10 @@ class IntraRetriever(StoreRetriever):
     empty). `mode="encoder"` returns the encoder-side C0 stage alone. `ann_threshold`: live
     chunks from which FAISS proposes candidates (`ann_k` pooled neighbours per query vector,
     IVF `ann_nprobe`, at most `ann_rerank` rows rescored exactly) instead of an exact full scan.
-    `store_dtype` holds token states; `pooled_dtype` (default float32 on CPU, where half->float
-    conversion bounds the scan; else `store_dtype`) holds the pooled vectors.
+    `store_dtype` holds token states (``"int8"``: symmetric per-token int8 with a float16 scale,
+    dequantised to float wherever states are read); `pooled_dtype` (default float32 on CPU,
+    where half->float conversion bounds the scan; else `store_dtype`, float16 for an int8
+    store: pooled vectors are never quantised) holds the pooled vectors.
     """
 
     name = "intra"
@@ -133,9 +140,9 @@ class IntraRetriever(StoreRetriever):
         index_batch_size: int = 256,
         show_progress: bool = True,
     ) -> None:
-        if store_dtype not in ("float16", "bfloat16", "float32"):
+        if store_dtype not in STORE_DTYPES:
             raise InvalidInputError(
-                f"store_dtype must be float16, bfloat16 or float32, got {store_dtype!r}"
+                f"store_dtype must be float16, bfloat16, float32 or int8, got {store_dtype!r}"
             )
         if mode not in _MODES:
             raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -167,15 +174,18 @@ class IntraRetriever(StoreRetriever):
         self.batch_size = int(batch_size)
         self.ann_threshold, self.ann_k = int(ann_threshold), int(ann_k)
         self.ann_nprobe, self.ann_rerank = ann_nprobe, ann_rerank
-        if pooled_dtype not in (None, "float16", "bfloat16", "float32"):
+        if pooled_dtype is not None and pooled_dtype not in POOLED_DTYPES:
             raise InvalidInputError(
                 f"pooled_dtype must be None, float16, bfloat16 or float32, got {pooled_dtype!r}"
             )
         self.pooled_dtype_arg = pooled_dtype
         # CPU: float32 pooled vectors. CPU half->float conversion, not memory, bounds the scan
         # (measured in benchmarks/bench_intra.py); they are p/T of the stored bytes.
+        # int8 stores keep float16 pooled vectors off CPU: every score reads them.
         self.pooled_dtype = pooled_dtype or (
-            "float32" if self.device.type == "cpu" else store_dtype
+            "float32"
+            if self.device.type == "cpu"
+            else ("float16" if store_dtype == "int8" else store_dtype)
         )
         self.head_path = head
         limits = [getattr(self.tokenizer, "model_max_length", None)]
@@ -224,6 +234,8 @@ class IntraRetriever(StoreRetriever):
             "states": TensorSpec("varlen", self.store_dtype, (self.dim,)),
             "pooled": TensorSpec("fixed", self.pooled_dtype, (self.p, self.dim)),
         }
+        if self.store_dtype == "int8":
+            specs["states_scale"] = TensorSpec("varlen", "float16", (1,))
         if self.adapter.key_norm:
             g = self.layers[0].n_kv_heads
             specs["rnorm"] = TensorSpec("fixed", "float32", (self.p, self.n_layers, g))
@@ -283,6 +295,10 @@ class IntraRetriever(StoreRetriever):
         states = [s.float() for s in self.encode_states([c.text for c in chunks])]
         pooled = pool_segments_batch(states, self.p)
         out: dict[str, Any] = {"states": states, "pooled": pooled}
+        if self.store_dtype == "int8":
+            codes = [quantize_int8(s) for s in states]
+            out["states"] = [q for q, _ in codes]
+            out["states_scale"] = [sc[:, None] for _, sc in codes]
         if self.adapter.key_norm:
             # from the vectors as stored (rounded to the store dtype), so scores are exact for them
             stored = pooled.to(TensorSpec("fixed", self.pooled_dtype, ()).torch_dtype).float()
@@ -424,9 +440,48 @@ class IntraRetriever(StoreRetriever):
                 torch.zeros((1, 1), dtype=torch.long, device=self.device),
                 True,
             )
-        states = torch.cat(self.store.varlen("states", rows), 0)
-        mem = states.to(device=self.device, dtype=self._model_dtype())[None]
+        states = self._read_states(rows, self.device)
+        mem = states.to(dtype=self._model_dtype())[None]
         return mem, torch.ones(mem.shape[:2], dtype=torch.long, device=self.device), False
+
+    def _read_states(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+        """Stored token states of `rows`, concatenated, in the store dtype or (int8 store)
+        dequantised to float32 on `device` (codes cross to the device before expanding)."""
+        states = torch.cat(self.store.varlen("states", rows), 0).to(device)
+        if self.store_dtype != "int8":
+            return states
+        scale = torch.cat(self.store.varlen("states_scale", rows), 0).to(device)
+        return dequantize_int8(states, scale[:, 0])
+
+    def stored_states(self, rows: Sequence[int]) -> list[torch.Tensor]:
+        """Token states ``(len_i, d)`` of each row as INTRA reads them (float32, CPU;
+        dequantised for an int8 store)."""
+        rows = [int(r) for r in rows]
+        codes = self.store.varlen("states", rows)
+        if self.store_dtype != "int8":
+            return [x.float() for x in codes]
+        scales = self.store.varlen("states_scale", rows)
+        return [dequantize_int8(q, sc[:, 0]) for q, sc in zip(codes, scales, strict=True)]
+
+    def bytes_per_chunk(self) -> dict[str, float]:
+        """Measured bytes per stored row (deleted rows count until `compact`): `states` = token
+        states (+ int8 scales), `pooled` = pooled vectors (+ key-norm factors), `stored` = all
+        shard bytes (offsets and safetensors headers included); `tokens` = mean states length."""
+        n = self.store.num_rows
+        if not n:
+            return {"states": 0.0, "pooled": 0.0, "stored": 0.0, "tokens": 0.0}
+        size: dict[str, int] = {}
+        for name, spec in self.store.specs.items():
+            per = math.prod(spec.shape) * spec.torch_dtype.itemsize
+            count = int(self.store.varlen_lengths(name).sum()) if spec.kind == "varlen" else n
+            size[name] = count * per
+        shards = sum(s["bytes"] for s in self.store.manifest["shards"])
+        return {
+            "states": (size["states"] + size.get("states_scale", 0)) / n,
+            "pooled": (size["pooled"] + size.get("rnorm", 0)) / n,
+            "stored": shards / n,
+            "tokens": float(self.store.varlen_lengths("states").float().mean()),
+        }
 
     def _model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
