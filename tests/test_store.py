@@ -219,6 +219,18 @@ def test_many_appends_make_many_shards_and_read_across_them(tmp_path):
         store.fixed("nope")
 
 
+def test_tensor_and_shard_bytes_count_every_row_across_shards(tmp_path):
+    store, _, t = filled(tmp_path / "s", sizes=(1, 4, 2))
+    for name, spec in SPECS.items():
+        expected = sum(x.numel() * x.element_size() for x in t[name])
+        assert store.tensor_nbytes(name) == expected, name
+        assert spec.torch_dtype == t[name][0].dtype
+    on_disk = sum(f.stat().st_size for f in shard_files(tmp_path / "s"))
+    assert store.shard_nbytes() == on_disk
+    with pytest.raises(InvalidInputError):
+        store.tensor_nbytes("nope")
+
+
 def test_appending_does_not_rewrite_old_shards(tmp_path):
     store, _, _ = filled(tmp_path / "s", sizes=(2,))
     before = {f.name: (f.stat().st_ino, f.read_bytes()) for f in shard_files(tmp_path / "s")}

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -431,6 +432,18 @@ class EncodedChunkStore:
             with suppress(FileNotFoundError):
                 total += (self.path / f).stat().st_size
         return total
+
+    def shard_nbytes(self) -> int:
+        """Bytes of the committed tensor shards (offsets and safetensors headers included)."""
+        return sum(int(s["bytes"]) for s in self._manifest["shards"])
+
+    def tensor_nbytes(self, name: str) -> int:
+        """Bytes of tensor `name`'s elements over all rows (tombstoned ones until `compact`)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise InvalidInputError(f"store has no tensor named {name!r}")
+        rows = int(self.varlen_lengths(name).sum()) if spec.kind == "varlen" else self.num_rows
+        return rows * math.prod(spec.shape) * spec.torch_dtype.itemsize
 
     # ------------------------------------------------------------------ write plumbing
     def _begin_write(self) -> None:

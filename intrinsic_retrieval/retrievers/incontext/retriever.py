@@ -9,7 +9,6 @@ by decoding their codes. See docs/incontext.md.
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -521,15 +520,13 @@ class InContextRetriever(StoreRetriever):
         n = self.store.num_rows
         if not n:
             return {"stored": 0.0, "kv": 0.0, "tokens": 0.0}
-        shard_bytes = sum(s["bytes"] for s in self.store._manifest["shards"])
-        kv = 0
-        for name in ("k", "v", "k_scale", "v_scale"):
-            spec = self.store.specs.get(name)
-            if spec is not None:
-                per_row = math.prod(spec.shape) * spec.torch_dtype.itemsize
-                kv += int(self.store.varlen_lengths(name).sum()) * per_row
+        kv = sum(
+            self.store.tensor_nbytes(name)
+            for name in ("k", "v", "k_scale", "v_scale")
+            if name in self.store.specs
+        )
         tokens = float(self.store.varlen_lengths("ids").float().mean())
-        return {"stored": shard_bytes / n, "kv": kv / n, "tokens": tokens}
+        return {"stored": self.store.shard_nbytes() / n, "kv": kv / n, "tokens": tokens}
 
     def _query_ids(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids, s, e, cut = self.format.query(text, self.max_query_tokens)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any
@@ -470,16 +469,11 @@ class IntraRetriever(StoreRetriever):
         n = self.store.num_rows
         if not n:
             return {"states": 0.0, "pooled": 0.0, "stored": 0.0, "tokens": 0.0}
-        size: dict[str, int] = {}
-        for name, spec in self.store.specs.items():
-            per = math.prod(spec.shape) * spec.torch_dtype.itemsize
-            count = int(self.store.varlen_lengths(name).sum()) if spec.kind == "varlen" else n
-            size[name] = count * per
-        shards = sum(s["bytes"] for s in self.store.manifest["shards"])
+        size = {name: self.store.tensor_nbytes(name) for name in self.store.specs}
         return {
             "states": (size["states"] + size.get("states_scale", 0)) / n,
             "pooled": (size["pooled"] + size.get("rnorm", 0)) / n,
-            "stored": shards / n,
+            "stored": self.store.shard_nbytes() / n,
             "tokens": float(self.store.varlen_lengths("states").float().mean()),
         }
 
