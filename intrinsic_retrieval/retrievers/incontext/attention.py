@@ -26,7 +26,7 @@ import torch
 from ...models.quant import dequantize_int8
 from ...models.quant import quantize_int8 as quantize_int8  # re-exported (moved to models.quant)
 from .adapters import DecoderAdapter
-from .blockattn import BatchLogits, attend_batch, resolve_backend, visible_keys
+from .blockattn import BatchLogits, attend_batch, masked_logits, maxsim_scores, resolve_backend
 
 
 class CorpusKV:
@@ -134,29 +134,32 @@ def _ssmax_factor(
     return s * torch.log(n.clamp(min=2.0))
 
 
-def route_documents(
+def routing_scores(
     corpus: CorpusKV,
     layer: int,
     qg: torch.Tensor,
     docs: torch.Tensor,
     spec: BatchLogits,
-    top: int | None,
     block_docs: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """QK-MaxSim of `docs` from `layer`'s keys alone (the same reduction as the in-pass
-    routing): the top `top` documents best first, and every document's score."""
-    if not len(docs):
-        return docs, torch.empty(0)
+) -> torch.Tensor:
+    """QK-MaxSim of `docs` from `layer`'s keys alone (no values read): the same scores the
+    in-pass routing computes from that layer's attention logits."""
     parts = []
     for start in range(0, len(docs), block_docs):
         kb, valid = corpus.keys(layer, docs[start : start + block_docs], qg.device)
-        lg = spec.adjust(torch.einsum("bhgqd,nthd->bhgqnt", qg, kb), 3)
-        best = lg.masked_fill(~visible_keys(spec, valid), float("-inf")).amax(-1)
-        best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-        parts.append(best.sum(3).mean((1, 2)).sum(0))
-    scores = torch.cat(parts)
-    keep = torch.topk(scores, min(top or len(docs), len(docs)))
-    return docs[keep.indices.cpu()], scores
+        parts.append(maxsim_scores(masked_logits(qg, kb, valid, spec).amax(-1)))
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def _route(
+    result: QueryResult, n_corpus: int, active: torch.Tensor, scores: torch.Tensor, top: int | None
+) -> torch.Tensor:
+    """Keep the `top` best-scored of `active` (best first) and record the decision."""
+    keep = torch.topk(scores, min(top or len(active), len(active)))
+    result.route_scores = torch.full((n_corpus,), float("-inf"))
+    result.route_scores[active] = scores.detach().cpu()
+    result.routed = active[keep.indices.cpu()]
+    return result.routed
 
 
 def query_pass(
@@ -225,24 +228,19 @@ def query_pass(
             adapter.softcap(layer),
             adapter.sliding_window(layer),
         )
+        s_l = ssmax[layer] if ssmax is not None and layer < len(ssmax) else None
         if pre_route is not None and layer >= pre_route and active is not routed:
             if routed is None:  # score every candidate with the stored routing-layer keys
-                s_r = ssmax[layer] if ssmax is not None and layer < len(ssmax) else None
                 all_tok = int(corpus.lengths[active].sum())
-                f_all = _ssmax_factor(s_r, ssmax_count, all_tok, len(active), past + qi + 1)
+                f_all = _ssmax_factor(s_l, ssmax_count, all_tok, len(active), past + qi + 1)
                 spec_all = BatchLogits(scale, cap, f_all, window, q_offset + past + qi)
-                routed, scores = route_documents(
-                    corpus, layer, qg, active, spec_all, route_top, block_docs
-                )
-                result.route_scores = torch.full((len(corpus),), float("-inf"))
-                result.route_scores[active] = scores.detach().cpu()
-                result.routed = routed
+                scores = routing_scores(corpus, layer, qg, active, spec_all, block_docs)
+                routed = _route(result, len(corpus), active, scores, route_top)
             active = routed
             prepare = getattr(corpus, "prepare", None)
             if prepare is not None:
                 prepare(routed)
         n_doc_tok = int(corpus.lengths[active].sum())
-        s_l = ssmax[layer] if ssmax is not None and layer < len(ssmax) else None
         factor = _ssmax_factor(s_l, ssmax_count, n_doc_tok, len(active), past + qi + 1)
 
         spec = BatchLogits(scale, cap, factor, window, q_offset + past + qi)
@@ -267,9 +265,7 @@ def query_pass(
                 doc_lse=layer in mass_set, doc_max=layer == route_layer,
             )
             if part.doc_max is not None:
-                best = part.doc_max  # (b, h, g, q, n)
-                best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-                route_parts.append(best.sum(3).mean((1, 2)).sum(0))
+                route_parts.append(maxsim_scores(part.doc_max))
             safe = torch.where(torch.isfinite(part.lse), part.lse, torch.zeros_like(part.lse))
             new = torch.logaddexp(run_lse, part.lse)
             out = (
@@ -287,12 +283,7 @@ def query_pass(
         attn = out.reshape(bsz, hkv * g, tq, dim).transpose(1, 2).reshape(bsz, tq, -1)
         h = adapter.finish(layer, h, attn.to(h.dtype))
         if layer == route_layer and route_parts and routed is None:
-            scores = torch.cat(route_parts)
-            top = torch.topk(scores, min(route_top or len(active), len(active)))
-            result.route_scores = torch.full((len(corpus),), float("-inf"))
-            result.route_scores[active] = scores.detach().cpu()
-            routed = active[top.indices.cpu()]
-            result.routed = routed
+            routed = _route(result, len(corpus), active, torch.cat(route_parts), route_top)
             active = routed
     result.hidden = h
     return result

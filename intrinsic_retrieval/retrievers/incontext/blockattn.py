@@ -72,6 +72,21 @@ def visible_keys(spec: BatchLogits, valid: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def masked_logits(
+    qg: torch.Tensor, kb: torch.Tensor, valid: torch.Tensor, spec: BatchLogits
+) -> torch.Tensor:
+    """(b, hkv, g, tq, n, t) logits of `qg` against a batch's keys, -inf where not visible."""
+    lg = spec.adjust(torch.einsum("bhgqd,nthd->bhgqnt", qg, kb), 3)
+    return lg.masked_fill(~visible_keys(spec, valid), float("-inf"))
+
+
+def maxsim_scores(doc_max: torch.Tensor) -> torch.Tensor:
+    """QK-MaxSim routing score per document from its max logits ``(b, hkv, g, tq, n)``: summed
+    over query tokens, averaged over heads, summed over the batch (nothing visible counts 0)."""
+    best = torch.where(torch.isfinite(doc_max), doc_max, torch.zeros_like(doc_max))
+    return best.sum(3).mean((1, 2)).sum(0)
+
+
 def attend_einsum(
     qg: torch.Tensor,
     kb: torch.Tensor,
@@ -83,8 +98,7 @@ def attend_einsum(
     doc_max: bool = False,
 ) -> BatchResult:
     """`qg` (b, hkv, g, tq, d) float32; `kb`, `vb` (n, t, hkv, d); `valid` (n, t)."""
-    lg = spec.adjust(torch.einsum("bhgqd,nthd->bhgqnt", qg, kb), 3)
-    lg = lg.masked_fill(~visible_keys(spec, valid), float("-inf"))
+    lg = masked_logits(qg, kb, valid, spec)
     best = lg.amax(-1) if doc_max else None
     lse_d = torch.logsumexp(lg, -1)  # (b, h, g, q, n)
     lse_b = torch.logsumexp(lse_d, -1)
