@@ -29,6 +29,22 @@ from .adapters import DecoderAdapter
 from .blockattn import BatchLogits, attend_batch, masked_logits, maxsim_scores, resolve_backend
 
 
+def pad_layer(
+    rows: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor] | None,
+    layer: int,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of per-block ``(T, L, Hkv, D)`` tensors (int8 with `scales`, else float) as a
+    zero-padded float32 ``(n, Tmax, Hkv, D)`` batch, with validity ``(n, Tmax)``."""
+    width = int(lengths.max())
+    out = torch.zeros((len(rows), width, *rows[0].shape[2:]), dtype=torch.float32)
+    for i, x in enumerate(rows):
+        xl = x[:, layer]
+        out[i, : x.shape[0]] = xl if scales is None else dequantize_int8(xl, scales[i][:, layer])
+    return out, torch.arange(width)[None, :] < lengths[:, None]
+
+
 class CorpusKV:
     """Stored blocks held layer-major: per layer one flat ``(total_tokens, Hkv, D)`` tensor.
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from ...models.quant import dequantize_int8, quantize_int8
+from ...models.quant import quantize_int8
 from .adapters import DecoderAdapter
+from .attention import pad_layer
 from .prefill import prefill_blocks
 
 #: one recomputed block in storage form: k, v ``(T, L', Hkv, D)`` and int8 scales (or None)
@@ -29,10 +30,6 @@ def to_storage(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tens
     if kv_dtype == "int8":
         return quantize_int8(x)
     return x.to(torch.float16 if kv_dtype == "float16" else torch.float32), None
-
-
-def _as_float(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    return x.float() if scale is None else dequantize_int8(x, scale)
 
 
 class BlockCache:
@@ -124,18 +121,16 @@ class RecomputedKV:
         self, layer: int, docs: torch.Tensor, device: torch.device, values: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         entries = self.recomputed(docs)
-        li = layer - self.route_layer
-        lens = self.lengths[docs]
-        width = int(lens.max())
-        shape = (len(entries), width, *entries[0][0].shape[2:])
-        k = torch.zeros(shape, dtype=torch.float32)
-        v = torch.zeros(shape, dtype=torch.float32) if values else None
-        valid = torch.arange(width)[None, :] < lens[:, None]
-        for i, (kr, vr, ks, vs) in enumerate(entries):
-            n = kr.shape[0]
-            k[i, :n] = _as_float(kr[:, li], None if ks is None else ks[:, li])
-            if v is not None:
-                v[i, :n] = _as_float(vr[:, li], None if vs is None else vs[:, li])
+        li, lens = layer - self.route_layer, self.lengths[docs]
+        int8 = entries[0][2] is not None
+        k, valid = pad_layer(
+            [e[0] for e in entries], [e[2] for e in entries] if int8 else None, li, lens
+        )
+        v = None
+        if values:
+            v, _ = pad_layer(
+                [e[1] for e in entries], [e[3] for e in entries] if int8 else None, li, lens
+            )
         return k.to(device), None if v is None else v.to(device), valid.to(device)
 
     def batch(

@@ -24,7 +24,7 @@ from ...store import TensorSpec
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
 from .adapters import adapter_for
-from .attention import CorpusKV, QueryResult, default_ssmax, query_pass
+from .attention import CorpusKV, QueryResult, default_ssmax, pad_layer, query_pass
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
 from .prefill import prefill_blocks
@@ -48,41 +48,19 @@ class StoreKV:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def batch(self, layer: int, docs: torch.Tensor, device: torch.device):
+    def _layer(self, name: str, layer: int, docs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rows = docs.tolist()
-        width = int(self.lengths[docs].max())
-        ks = self.store.varlen("k", rows)
-        vs = self.store.varlen("v", rows)
-        shape = (len(rows), width, *ks[0].shape[2:])
-        k = torch.zeros(shape, dtype=torch.float32)
-        v = torch.zeros(shape, dtype=torch.float32)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        if self.int8:
-            kss = self.store.varlen("k_scale", rows)
-            vss = self.store.varlen("v_scale", rows)
-        for i, (kr, vr) in enumerate(zip(ks, vs, strict=True)):
-            n = kr.shape[0]
-            if self.int8:
-                k[i, :n] = kr[:, layer].float() * kss[i][:, layer].float()[..., None]
-                v[i, :n] = vr[:, layer].float() * vss[i][:, layer].float()[..., None]
-            else:
-                k[i, :n] = kr[:, layer]
-                v[i, :n] = vr[:, layer]
-            valid[i, :n] = True
+        scales = self.store.varlen(f"{name}_scale", rows) if self.int8 else None
+        return pad_layer(self.store.varlen(name, rows), scales, layer, self.lengths[docs])
+
+    def batch(self, layer: int, docs: torch.Tensor, device: torch.device):
+        k, valid = self._layer("k", layer, docs)
+        v, _ = self._layer("v", layer, docs)
         return k.to(device), v.to(device), valid.to(device)
 
     def keys(self, layer: int, docs: torch.Tensor, device: torch.device):
         """Keys only (routing before attention reads no values)."""
-        rows = docs.tolist()
-        width = int(self.lengths[docs].max())
-        ks = self.store.varlen("k", rows)
-        kss = self.store.varlen("k_scale", rows) if self.int8 else None
-        k = torch.zeros((len(rows), width, *ks[0].shape[2:]), dtype=torch.float32)
-        for i, kr in enumerate(ks):
-            k[i, : kr.shape[0]] = (
-                kr[:, layer] if kss is None else kr[:, layer].float() * kss[i][:, layer][..., None]
-            )
-        valid = torch.arange(width)[None, :] < self.lengths[docs][:, None]
+        k, valid = self._layer("k", layer, docs)
         return k.to(device), valid.to(device)
 
 
