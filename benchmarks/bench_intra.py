@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import result_head, write_result
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -103,7 +103,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results/intra_bench.json"))
     args = ap.parse_args()
 
-    from intrinsic_retrieval.cli import machine_info
     from intrinsic_retrieval.models import maxsim_topk
     from intrinsic_retrieval.retrievers.intra import IntraRetriever
 
@@ -206,12 +205,12 @@ def main() -> None:
             print("scan", rows_scan[-1], flush=True)
     n_scan = base_pooled.shape[0]
 
-    cmd = "python benchmarks/bench_intra.py " + " ".join(sys.argv[1:])
     out = {
-        "name": "intra_bench",
-        "title": "IntraRetriever: scaling, FAISS recall, scan efficiency, answer() latency",
-        "command": cmd.strip(),
-        "machine": {**machine_info(), "load_average_1_5_15_at_end": os.getloadavg()},
+        **result_head(
+            __file__,
+            "intra_bench",
+            "IntraRetriever: scaling, FAISS recall, scan efficiency, answer() latency",
+        ),
         "tables": [
             {
                 "title": f"INTRA index build (BERT2BERT MiniLM, {args.store_dtype} token states, "
@@ -275,8 +274,7 @@ def main() -> None:
             },
         ],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_result(args.out, out)
     print(json.dumps(out["tables"], indent=1))
 
 

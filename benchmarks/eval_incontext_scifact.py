@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _report import result_head, write_result
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -52,7 +53,6 @@ def main() -> None:
     import torch
     from ir_measures import R, nDCG
 
-    from intrinsic_retrieval.cli import machine_info
     from intrinsic_retrieval.eval import load_beir
     from intrinsic_retrieval.eval.metrics import evaluate_run
     from intrinsic_retrieval.models.loading import smollm2_gguf_path
@@ -177,11 +177,12 @@ def main() -> None:
 
     cfg = icr.adapter
     result = {
-        "name": "incontext_scifact",
-        "title": "InContextRetriever (BlockSearch): SciFact dilution curve, "
-        f"{args.max_doc_tokens}-token blocks, {args.kv_layers} layers",
-        "command": "python " + " ".join(sys.argv),
-        "machine": {**machine_info(), "load_average_1_5_15_at_end": os.getloadavg()},
+        **result_head(
+            __file__,
+            "incontext_scifact",
+            "InContextRetriever (BlockSearch): SciFact dilution curve, "
+            f"{args.max_doc_tokens}-token blocks, {args.kv_layers} layers",
+        ),
         "tables": [
             {
                 "title": "SciFact dilution curve: quality vs corpus size (zero-shot SmolLM2-135M)",
@@ -245,8 +246,7 @@ def main() -> None:
                 keep + result["tables"][i]["rows"], key=lambda r: r[0]
             )
         result["command"] = old.get("command", "") + " ; " + result["command"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(out, result)
     print(json.dumps(result["tables"][0], indent=1))
 
 

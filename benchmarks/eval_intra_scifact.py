@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from _report import result_head, write_result
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -48,7 +49,6 @@ def main() -> None:
 
     import torch
 
-    from intrinsic_retrieval.cli import machine_info
     from intrinsic_retrieval.eval import evaluate, load_beir, load_qrels
     from intrinsic_retrieval.retrievers.bm25 import BM25Retriever
     from intrinsic_retrieval.retrievers.dense import DenseRetriever
@@ -156,12 +156,12 @@ def main() -> None:
         record(f"INTRA (b) full, after fit, {cross_init} cross-attention", intra, None)
         fits[cross_init] = dict(log)
 
-    cmd = "python benchmarks/eval_intra_scifact.py " + " ".join(sys.argv[1:])
     out = {
-        "name": "intra_scifact",
-        "title": "IntraRetriever on SciFact: encoder stage and full INTRA, before and after fit",
-        "command": cmd.strip(),
-        "machine": {**machine_info(), "load_average_1_5_15_at_end": os.getloadavg()},
+        **result_head(
+            __file__,
+            "intra_scifact",
+            "IntraRetriever on SciFact: encoder stage and full INTRA, before and after fit",
+        ),
         "tables": [
             {
                 "title": "SciFact test: INTRA beside BM25 and dense (document-level, BEIR qrels)"
@@ -202,8 +202,7 @@ def main() -> None:
             }
         ],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_result(args.out, out)
     print(json.dumps(out["tables"][0], indent=1))
 
 

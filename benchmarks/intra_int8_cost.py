@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _report import result_head, write_result
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -76,7 +77,6 @@ def main() -> None:
     import torch
     from ir_measures import R, nDCG
 
-    from intrinsic_retrieval.cli import machine_info
     from intrinsic_retrieval.eval import load_beir
     from intrinsic_retrieval.eval.metrics import evaluate_run
     from intrinsic_retrieval.eval.runner import run_queries
@@ -200,12 +200,12 @@ def main() -> None:
         f"max_length={args.max_length}, pooled vectors {r16.pooled_dtype} in both stores. "
         f"{args.threads} torch thread(s)."
     )
-    cmd = "python benchmarks/intra_int8_cost.py " + " ".join(sys.argv[1:])
     out = {
-        "name": "intra_int8",
-        "title": "IntraRetriever: int8 vs float16 token states (bytes and quality cost)",
-        "command": cmd.strip(),
-        "machine": {**machine_info(), "load_average_1_5_15_at_end": os.getloadavg()},
+        **result_head(
+            __file__,
+            "intra_int8",
+            "IntraRetriever: int8 vs float16 token states (bytes and quality cost)",
+        ),
         "tables": [
             {
                 "title": "Stored bytes per chunk",
@@ -265,8 +265,7 @@ def main() -> None:
     }
     for r in stores.values():
         r.close()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_result(args.out, out)
     print(json.dumps(out["tables"], indent=1))
 
 
