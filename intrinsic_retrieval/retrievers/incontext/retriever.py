@@ -19,7 +19,6 @@ from ...chunking import Spanner, tokenizer_spans
 from ...errors import InvalidInputError
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import load_model, smollm2_gguf_path
-from ...models.quant import quantize_int8
 from ...store import TensorSpec
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
@@ -28,7 +27,7 @@ from .attention import CorpusKV, QueryResult, default_ssmax, pad_layer, query_pa
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
 from .prefill import prefill_blocks
-from .recompute import BlockCache, RecomputedKV
+from .recompute import BlockCache, RecomputedKV, to_storage
 from .scoring import constrained_beam_search, readout_scores
 
 SCORINGS = ("readout", "codes")
@@ -428,17 +427,11 @@ class InContextRetriever(StoreRetriever):
             "code": torch.tensor(codes, dtype=torch.int64),
             "span": torch.tensor([[b[1], b[2]] for b in blocks], dtype=torch.int32),
         }
-        if self.kv_dtype == "int8":
-            kq = [quantize_int8(k.cpu()) for k, _ in kv]
-            vq = [quantize_int8(v.cpu()) for _, v in kv]
-            out.update(k=[a for a, _ in kq], k_scale=[s for _, s in kq])
-            if v_layers:
-                out.update(v=[a for a, _ in vq], v_scale=[s for _, s in vq])
-        else:
-            dt = torch.float16 if self.kv_dtype == "float16" else torch.float32
-            out.update(k=[k.cpu().to(dt) for k, _ in kv])
-            if v_layers:
-                out.update(v=[v.cpu().to(dt) for _, v in kv])
+        for i, name in enumerate(("k", "v") if v_layers else ("k",)):
+            stored = [to_storage(pair[i].cpu(), self.kv_dtype) for pair in kv]
+            out[name] = [x for x, _ in stored]
+            if self.kv_dtype == "int8":
+                out[f"{name}_scale"] = [sc for _, sc in stored]
         return out
 
     def _on_open(self) -> None:
