@@ -30,9 +30,12 @@ def _cell(v: object) -> str:
 
 
 def _machine(m: dict) -> str:
-    keys = ["cpu", "cores", "threads", "gpu", "torch", "platform", "date", "note",
-            "load_average_1_5_15_at_end"]
-    return ", ".join(f"{k}: {m[k]}" for k in keys if m.get(k) is not None)
+    keys = ["cpu", "cores", "threads", "gpu", "torch", "platform", "date", "note"]
+    parts = [f"{k}: {m[k]}" for k in keys if m.get(k) is not None]
+    if m.get("load_average_1_5_15_at_end"):
+        loads = " / ".join(f"{x:.2f}" for x in m["load_average_1_5_15_at_end"])
+        parts.append(f"load average at the end (1 / 5 / 15 min): {loads}")
+    return ", ".join(parts)
 
 
 def render(results_dir: Path = HERE / "results") -> str:
