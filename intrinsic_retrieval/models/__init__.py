@@ -18,6 +18,8 @@ from .fingerprint import (
 )
 from .loading import (
     default_dense_model_path,
+    dequantised_copy,
+    gemma3_gguf_path,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -33,8 +35,10 @@ __all__ = [
     "default_dense_model_path",
     "default_forward",
     "default_nlist",
+    "dequantised_copy",
     "encode_texts",
     "faiss_gpu_available",
+    "gemma3_gguf_path",
     "l2_normalize",
     "load_model",
     "load_tokenizer",

