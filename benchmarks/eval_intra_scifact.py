@@ -1,11 +1,15 @@
 """INTRA quality on SciFact test beside BM25 and dense, in one run.
 
 Rows: BM25, dense (all-MiniLM-L6-v2), INTRA encoder-side stage alone (C0 ranking), full INTRA
-with the untrained retrieval head, and full INTRA after `fit` on SciFact ``qrels/train.tsv``.
-Backbone: BERT2BERT warm-started from all-MiniLM-L6-v2 (cross-attention randomly initialised,
-seed 0), the only encoder-decoder available offline here.
+with the untrained retrieval head, and full INTRA after `fit` on SciFact ``qrels/train.tsv`` (the
+paper's recipe: backbone frozen, retrieval tokens and per-layer weights trained), for each
+memory adapter (stores differ) and each choice of scoring query positions (query-time).
+Backbone: `IntraRetriever`'s default (T5Gemma2 built from Gemma 3 270M when fetched), or
+``--model bert2bert:all-MiniLM-L6-v2`` (then ``--cross-init`` applies).
 
-    nice -n 10 python benchmarks/eval_intra_scifact.py --dataset ../shared/data/scifact
+    nice -n 10 python benchmarks/eval_intra_scifact.py --subset 1000 --threads 2 \
+        --memory-adapter generated,none --query-positions retrieval,query+retrieval \
+        --out benchmarks/results/intra_gemma_scifact.json
 """
 
 from __future__ import annotations
@@ -43,6 +47,20 @@ def main() -> None:
         "--cross-init",
         default="random",
         help="comma list of BERT2BERT cross-attention initialisations to compare: random,self",
+    )
+    ap.add_argument("--model", default=None, help="IntraRetriever model (default: its default)")
+    ap.add_argument("--encoder-attention", default="causal")
+    ap.add_argument(
+        "--memory-adapter", default="generated", help="comma list: generated,none,<file>"
+    )
+    ap.add_argument(
+        "--query-positions", default="retrieval", help="comma list: retrieval,query+retrieval"
+    )
+    ap.add_argument("--no-fit", action="store_true", help="skip the fit rows")
+    ap.add_argument(
+        "--lora-ranks",
+        default="0",
+        help="comma list of query-LoRA ranks to fit (0: the paper's recipe, head only)",
     )
     ap.add_argument("--out", default=str(HERE / "results/intra_scifact.json"))
     args = ap.parse_args()
@@ -103,58 +121,86 @@ def main() -> None:
             r.close()
         cache.write_text(json.dumps(rows))
 
+    from intrinsic_retrieval.retrievers.intra import default_model
+
+    model_name = args.model or default_model()
+    bert = model_name.startswith("bert2bert")
+    # one store per (cross-attention init or memory adapter): they change the model
+    stores = args.cross_init.split(",") if bert else args.memory_adapter.split(",")
     fits: dict[str, dict] = {}
-    for cross_init in args.cross_init.split(","):
+    hist: dict = {"examples": 0, "steps": 0}
+    for variant in stores:
         t0 = time.perf_counter()
+        extra = (
+            {"cross_init": variant}
+            if bert
+            else {"encoder_attention": args.encoder_attention, "memory_adapter": variant}
+        )
+        tag = Path(variant).stem if not bert else variant
         intra = IntraRetriever(
-            None,
+            model_name,
             retrieval_tokens=args.retrieval_tokens,
             pooled=args.pooled,
             k0=args.k0,
             max_length=args.max_length,
             pooled_dtype=args.pooled_dtype,
-            path=work / f"store-{cross_init}",
-            cross_init=cross_init,
+            path=work / f"store-{tag}",
             show_progress=False,
+            **extra,
         )
-        if len(intra) == 0:
-            intra.add(docs)
-        index_s = time.perf_counter() - t0
+        load_s = time.perf_counter() - t0
+        added = intra.add(docs, on_duplicate="skip")  # resumes an interrupted run
+        # a resumed run indexed only part of the corpus: no index time then
+        index_s = time.perf_counter() - t0 - load_s if len(added) == len(docs) else None
+        log["model_load_s"] = load_s
         log["intra_index_s"] = index_s
-        if cross_init == args.cross_init.split(",")[0]:  # the encoder is the same for every init
+        label = f"cross-attention {variant}" if bert else f"memory adapter {tag}"
+        if variant == stores[0]:  # the encoder is the same for every variant
             with intra.using_mode("encoder"):
                 record("INTRA (a) encoder-side stage (C0 MaxSim)", intra, index_s)
-        intra.reset_head()  # a rerun reopens a store whose head was already trained
-        record(f"INTRA (b) full, untrained head, {cross_init} cross-attention", intra, None)
-
-        train_q = load_beir(args.dataset, split="train").queries
-        qids = sorted(q for q in train_qrels if q in train_q)
-        if args.train_queries:
-            qids = qids[: args.train_queries]
-        t0 = time.perf_counter()
-        hist = intra.fit(
-            {q: train_q[q] for q in qids},
-            {q: train_qrels[q] for q in qids},
-            epochs=args.epochs,
-            lr=args.lr,
-            n_candidates=args.n_candidates,
-            checkpoint_dir=work
-            / f"ckpt-{cross_init}-{args.epochs}-{args.lr}-{args.n_candidates}-{len(qids)}",
-            show_progress=False,
-        )
-        fit_s = time.perf_counter() - t0
-        losses = hist["losses"]
-        n = max(1, len(losses) // 10)
-        log.update(
-            fit_s=fit_s,
-            fit_steps=hist["steps"],
-            fit_examples=hist["examples"],
-            loss_first=sum(losses[:n]) / n,
-            loss_last=sum(losses[-n:]) / n,
-        )
-        print(log, flush=True)
-        record(f"INTRA (b) full, after fit, {cross_init} cross-attention", intra, None)
-        fits[cross_init] = dict(log)
+        for positions in args.query_positions.split(","):
+            intra.query_positions = positions
+            intra.reset_head()  # a rerun reopens a store whose head was already trained
+            record(f"INTRA (b) full, untrained head, {label}, queries: {positions}", intra, None)
+            if args.no_fit:
+                continue
+            train_q = load_beir(args.dataset, split="train").queries
+            qids = sorted(q for q in train_qrels if q in train_q)
+            if args.train_queries:
+                qids = qids[: args.train_queries]
+            for rank in (int(x) for x in args.lora_ranks.split(",")):
+                intra.reset_head()
+                t0 = time.perf_counter()
+                hist = intra.fit(
+                    {q: train_q[q] for q in qids},
+                    {q: train_qrels[q] for q in qids},
+                    epochs=args.epochs,
+                    lr=args.lr,
+                    n_candidates=args.n_candidates,
+                    lora_rank=rank,
+                    checkpoint_dir=work / f"ckpt-{tag}-{positions}-{args.epochs}-{args.lr}-"
+                    f"{args.n_candidates}-{len(qids)}-lora{rank}",
+                    show_progress=False,
+                )
+                fit_s = time.perf_counter() - t0
+                losses = hist["losses"]
+                n = max(1, len(losses) // 10)
+                log.update(
+                    fit_s=fit_s,
+                    fit_steps=hist["steps"],
+                    fit_examples=hist["examples"],
+                    loss_first=sum(losses[:n]) / n,
+                    loss_last=sum(losses[-n:]) / n,
+                )
+                print(log, flush=True)
+                what = "paper recipe" if not rank else f"+ query LoRA r={rank}"
+                record(
+                    f"INTRA (c) full, after fit ({what}), {label}, queries: {positions}",
+                    intra,
+                    None,
+                )
+                fits[f"{tag}/{positions}/lora{rank}"] = dict(log)
+        intra.close()
 
     out = {
         **result_head(
@@ -177,10 +223,18 @@ def main() -> None:
                 ],
                 "rows": rows,
                 "notes": (
-                    "Backbone BERT2BERT from all-MiniLM-L6-v2; cross-attention either randomly "
-                    "initialised (seed 0) or copied from each layer's self-attention "
-                    "(cross_init='self'); "
-                    f"m={args.retrieval_tokens} retrieval tokens, p={args.pooled} pooled "
+                    (
+                        "Backbone BERT2BERT from all-MiniLM-L6-v2; cross-attention either randomly "
+                        "initialised (seed 0) or copied from each layer's self-attention "
+                        "(cross_init='self'); "
+                        if bert
+                        else f"Backbone {model_name} (T5Gemma2 built from Gemma 3 270M, "
+                        f"{args.encoder_attention} encoder; memory adapters 'generated': fitted "
+                        "in closed form on 64 texts Gemma 3 wrote itself from generic prompts, "
+                        "no SciFact text, no labels; 'none': the naive build). Model load "
+                        f"{log.get('model_load_s', 0):.0f} s; "
+                    )
+                    + f"m={args.retrieval_tokens} retrieval tokens, p={args.pooled} pooled "
                     f"vectors/chunk, k0={args.k0}, max_length={args.max_length}, "
                     "fp16 token states, "
                     f"{intra.pooled_dtype} pooled vectors. fit: "
@@ -195,9 +249,12 @@ def main() -> None:
                     )
                     + ". "
                     f"{args.threads} torch thread(s), shared 2-core CPU. Corpus: "
-                    + (f"subset of {len(docs)} of 5183 documents (all test and train positives "
-                       "+ random others, seed 0); all rows use it."
-                       if args.subset else "full (5183 documents).")
+                    + (
+                        f"subset of {len(docs)} of 5183 documents (all test and train positives "
+                        "+ random others, seed 0); all rows use it."
+                        if args.subset
+                        else "full (5183 documents)."
+                    )
                 ),
             }
         ],

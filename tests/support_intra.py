@@ -7,15 +7,54 @@ from pathlib import Path
 import torch
 
 VOCAB = 30522  # bert-base-uncased WordPiece, as shipped with all-MiniLM-L6-v2
-ARCHS = ("t5", "bart", "t5gemma", "t5gemma2", "bert2bert")
+ARCHS = ("t5", "bart", "t5gemma", "t5gemma2", "t5gemma2-gemma3", "bert2bert")
 #: further classes served by the same adapters (equivalence-tested only)
 EXTRA_ARCHS = ("mt5", "umt5", "mbart")
+
+
+def gemma3(seed: int = 0) -> torch.nn.Module:
+    """A tiny random Gemma 3 causal LM (sliding + full layers, GQA, random norm scales)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
+    m = T.Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    return m.eval()
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
     import transformers as T
 
     torch.manual_seed(seed)
+    if arch == "t5gemma2-gemma3":
+        from intrinsic_retrieval.models.t5gemma2 import build_t5gemma2
+
+        m = build_t5gemma2(gemma3(seed), encoder="causal")
+        with torch.no_grad():  # non-identity memory adapters, so Reverse-QWK must fold them
+            for layer in m.get_decoder().layers:
+                proj = layer.self_attn.memory_proj
+                proj.weight.add_(torch.randn_like(proj.weight) * 0.3)
+                proj.bias.normal_(0.0, 0.3)
+        return m.eval()
     if arch == "t5":
         c = T.T5Config(
             vocab_size=VOCAB,
@@ -166,9 +205,41 @@ def tokenizer():
 
 
 def save(arch: str, root: Path, seed: int = 0) -> str:
-    """Save the tiny model with the MiniLM tokenizer; returns the directory."""
+    """Save the tiny model with the MiniLM tokenizer; returns the directory (for the T5Gemma2
+    built from Gemma 3, the `t5gemma2:<gemma 3 directory>` model spec)."""
+    if arch == "t5gemma2-gemma3":
+        return "t5gemma2:" + save_gemma3(root, seed)
     path = root / f"tiny-{arch}-{seed}"
     if not (path / "config.json").exists():
         build(arch, seed).save_pretrained(path)
         tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def save_gemma3(root: Path, seed: int = 0) -> str:
+    path = root / f"tiny-gemma3-{seed}"
+    if not (path / "config.json").exists():
+        gemma3(seed).save_pretrained(path)
+        tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def gemma3_adapter(root: Path, seed: int = 0) -> str:
+    """Memory adapters fitted (label-free) for the tiny Gemma 3 of `save_gemma3`; a file path."""
+    from intrinsic_retrieval.models import model_fingerprint
+    from intrinsic_retrieval.models.t5gemma2 import (
+        build_t5gemma2,
+        fit_memory_adapters,
+        save_memory_adapters,
+    )
+
+    path = root / f"tiny-gemma3-{seed}-adapter.safetensors"
+    if not path.exists():
+        causal = gemma3(seed)
+        model = build_t5gemma2(causal, encoder="causal")
+        texts = [f"document {i} about topic {i % 5} and its {i * 7} findings" for i in range(40)]
+        stats = fit_memory_adapters(model, tokenizer(), texts, show_progress=False)
+        save_memory_adapters(
+            model, path, {"base": model_fingerprint(causal), "encoder": "causal", **stats}
+        )
     return str(path)

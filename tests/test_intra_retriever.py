@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support_intra import save
+from support_intra import gemma3_adapter, save
 
 from intrinsic_retrieval.errors import (
     CheckpointMismatchError,
@@ -52,6 +52,8 @@ def make(models: Path, tmp_path: Path, arch: str = "t5", seed: int = 0, **kw) ->
     kw.setdefault("pooled", 4)
     kw.setdefault("retrieval_tokens", 3)
     kw.setdefault("store_dtype", "float32")
+    if arch == "t5gemma2-gemma3":
+        kw.setdefault("memory_adapter", gemma3_adapter(models, seed))
     return IntraRetriever(
         save(arch, models, seed), path=tmp_path / f"idx-{arch}-{seed}", show_progress=False, **kw
     )
@@ -85,7 +87,7 @@ def brute_force(r: IntraRetriever, query: str, k: int) -> tuple[list[int], list[
     return top, [scores[x] for x in top]
 
 
-@pytest.mark.parametrize("arch", ["t5", "t5gemma2", "bert2bert"])
+@pytest.mark.parametrize("arch", ["t5", "t5gemma2", "t5gemma2-gemma3", "bert2bert"])
 def test_search_equals_brute_force(models: Path, tmp_path: Path, arch: str) -> None:
     r = make(models, tmp_path, arch)
     r.add(DOCS)
@@ -217,7 +219,9 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
         IntraRetriever(str(tmp_path / "bert"), path=tmp_path / "idx")
 
 
-@pytest.mark.parametrize("arch", ["t5", "bart", "t5gemma", "t5gemma2", "bert2bert"])
+@pytest.mark.parametrize(
+    "arch", ["t5", "bart", "t5gemma", "t5gemma2", "t5gemma2-gemma3", "bert2bert"]
+)
 def test_answer_from_store_equals_reencoding(models: Path, tmp_path: Path, arch: str) -> None:
     r = make(models, tmp_path, arch)
     r.add(DOCS)
@@ -295,6 +299,39 @@ def test_fit_checkpoint_resume_matches_uninterrupted(models: Path, tmp_path: Pat
     torch.testing.assert_close(fresh.head.alpha, full.head.alpha, rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointMismatchError):
         fresh.fit(qs[:5], pos[:5], epochs=2, batch_size=5, checkpoint_dir=tmp_path / "ck-b")
+
+
+@pytest.mark.parametrize("arch", ["t5", "t5gemma2-gemma3"])
+def test_query_lora_trains_persists_and_leaves_generation_alone(
+    models: Path, tmp_path: Path, arch: str
+) -> None:
+    r = make(models, tmp_path, arch, query_positions="query+retrieval")
+    r.add(DOCS)
+    before = r.answer("river ecology", k=2, max_new_tokens=3, return_logits=True)
+    qs, pos = _train_data()
+    full = make(models, tmp_path / "ck", arch, query_positions="query+retrieval")
+    full.add(DOCS)
+    out = r.fit(qs, pos, epochs=2, batch_size=5, lr=3e-2, lora_rank=2)
+    assert r.trained and r.head.lora_rank == 2 and out["steps"] == 4
+    assert float(r.head.lora_b.abs().sum()) > 0  # the query projections were updated
+    hits = [(h.chunk_id, h.score) for h in r.search("river ecology", k=5)]
+    # resume from a checkpoint taken after half the steps ends where an uninterrupted run does
+    full.fit(qs, pos, epochs=2, batch_size=5, lr=3e-2, lora_rank=2, max_steps=2,
+             checkpoint_dir=tmp_path / "ck-lora")  # fmt: skip
+    full.fit(qs, pos, epochs=2, batch_size=5, lr=3e-2, lora_rank=2,
+             checkpoint_dir=tmp_path / "ck-lora")  # fmt: skip
+    torch.testing.assert_close(full.head.lora_b, r.head.lora_b, rtol=1e-4, atol=1e-6)
+    # generation reads the untouched backbone: the same chunks give the same tokens
+    after = generate_from_text(r, "river ecology", [h.text for h in before.context],
+                               max_new_tokens=3)  # fmt: skip
+    assert after[0] == before.token_ids
+    path = r.path
+    r.close()
+    again = IntraRetriever.load(path, show_progress=False)
+    assert again.head.lora_rank == 2
+    assert [(h.chunk_id, h.score) for h in again.search("river ecology", k=5)] == hits
+    with pytest.raises(InvalidInputError):
+        again.fit(qs, pos, lora_rank=-1)
 
 
 def test_fit_bad_input(models: Path, tmp_path: Path) -> None:
@@ -436,3 +473,21 @@ def test_int8_store_add_delete_and_fit(models: Path, tmp_path: Path) -> None:
     pos = [[d for d in p if d not in ("d4", "d9")] for p in pos]
     out = r.fit(qs, pos, epochs=1, batch_size=5)
     assert out["steps"] == 2 and r.trained
+
+
+def test_training_candidates_mix_hard_and_uniform_negatives() -> None:
+    from intrinsic_retrieval.retrievers.intra.train import _candidates
+
+    live = torch.ones(100, dtype=torch.bool)
+    live[90:] = False  # deleted rows are never drawn
+    top = torch.tensor([5, 6, 7])
+    cand = _candidates(live, top, [95, 6, 50], n=20, seed=0)
+    rows = cand.tolist()
+    assert len(rows) == len(set(rows))
+    assert rows[:3] == [5, 6, 7] and {95, 50} <= set(rows)
+    assert len([r for r in rows if r not in (5, 6, 7, 95, 50)]) >= 16
+    assert all(r < 90 or r == 95 for r in rows)
+    assert _candidates(live, top, [], n=20, seed=0).tolist() == _candidates(
+        live, top, [], n=20, seed=0
+    ).tolist()
+    assert _candidates(live, top, [], n=20, seed=1).tolist() != rows[:20]

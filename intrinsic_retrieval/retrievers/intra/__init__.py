@@ -3,12 +3,14 @@ from stored encoder states)."""
 
 from .adapters import adapter_for, supported_architectures
 from .head import RetrievalHead
-from .retriever import DEFAULT_MODEL, IntraRetriever
+from .retriever import BERT2BERT_MODEL, DEFAULT_MODEL, IntraRetriever, default_model
 
 __all__ = [
+    "BERT2BERT_MODEL",
     "DEFAULT_MODEL",
     "IntraRetriever",
     "RetrievalHead",
     "adapter_for",
+    "default_model",
     "supported_architectures",
 ]

@@ -97,6 +97,7 @@ class CrossLayer:
     key_norm_weight: torch.Tensor | None = None  # (head_dim,) effective multiplicative scale
     key_norm_eps: float = 1e-6
     merged: bool = False  # cross keys appended to the self-attention keys (T5Gemma2)
+    query_proj: nn.Module | None = None  # the cross-attention's query projection (query LoRA)
 
 
 # ---------------------------------------------------------------------- adapters
@@ -203,6 +204,7 @@ class T5Adapter(EncDecAdapter):
                     attn.n_heads,
                     attn.key_value_proj_dim,
                     float(attn.scaling),
+                    query_proj=attn.q,
                 )
             )
         return out
@@ -224,7 +226,14 @@ class BartAdapter(EncDecAdapter):
             w, b = _linear(attn.k_proj)
             out.append(
                 CrossLayer(
-                    attn, w, b, attn.num_heads, attn.num_heads, attn.head_dim, float(attn.scaling)
+                    attn,
+                    w,
+                    b,
+                    attn.num_heads,
+                    attn.num_heads,
+                    attn.head_dim,
+                    float(attn.scaling),
+                    query_proj=attn.q_proj,
                 )
             )
         return out
@@ -253,6 +262,7 @@ class T5GemmaAdapter(EncDecAdapter):
                     int(attn.head_dim),
                     float(attn.scaling),
                     softcap=attn.attn_logit_softcapping,
+                    query_proj=attn.q_proj,
                 )
             )
         return out
@@ -261,20 +271,30 @@ class T5GemmaAdapter(EncDecAdapter):
 class T5Gemma2Adapter(EncDecAdapter):
     """T5Gemma2: merged self+cross attention; cross keys are ``k_norm(k_proj(E))`` with a
     per-head RMSNorm whose learned scale (1 + w) moves to the query side (Reverse-QWK); the
-    per-token RMS factor is the only part that stays on the memory side."""
+    per-token RMS factor is the only part that stays on the memory side. A model built from
+    Gemma 3 (`models.t5gemma2`) may run its encoder causally and carry a linear memory adapter
+    per decoder layer, folded into W_K here."""
 
     arch = "t5gemma2"
     model_classes = ("T5Gemma2ForConditionalGeneration",)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.encoder()(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state
+        from ...models.t5gemma2 import encode
+
+        return encode(self.model, input_ids, attention_mask)
 
     def _build_layers(self) -> list[CrossLayer]:
+        from ...models.t5gemma2 import memory_adapter
+
         out = []
         for layer in self.model.get_decoder().layers:
             attn = layer.self_attn
             w, b = _linear(attn.k_proj)
+            adapter = memory_adapter(attn)
+            if adapter is not None:  # keys are W_K (A e + c): fold A and c like W_K and b
+                aw, ab = _linear(adapter)
+                b = (w @ ab if ab is not None else None) if b is None else b + w @ ab
+                w = w @ aw
             cfg = attn.config
             out.append(
                 CrossLayer(
@@ -289,6 +309,7 @@ class T5Gemma2Adapter(EncDecAdapter):
                     key_norm_weight=(1.0 + attn.k_norm.weight.detach().float()),
                     key_norm_eps=float(attn.k_norm.eps),
                     merged=True,
+                    query_proj=attn.q_proj,
                 )
             )
         return out
@@ -334,7 +355,14 @@ class EncoderDecoderAdapter(EncDecAdapter):
             n_heads = int(attn.num_attention_heads)
             out.append(
                 CrossLayer(
-                    attn, w, b, n_heads, n_heads, int(attn.attention_head_size), float(attn.scaling)
+                    attn,
+                    w,
+                    b,
+                    n_heads,
+                    n_heads,
+                    int(attn.attention_head_size),
+                    float(attn.scaling),
+                    query_proj=attn.query,
                 )
             )
         return out

@@ -46,9 +46,23 @@ from .adapters import EncDecAdapter, adapter_for
 from .head import AUX_NAME, RetrievalHead
 from .qwk import Folded, QueryTap, key_rnorm, topk_pooled
 
-#: `model=None` builds this: BERT2BERT warm-started from all-MiniLM-L6-v2 (encoder and decoder
-#: weights from the checkpoint; cross-attention freshly initialised with `seed`)
-DEFAULT_MODEL = "bert2bert:all-MiniLM-L6-v2"
+#: `model=None` builds this when Gemma 3 270M is fetched (`make models`): a T5Gemma2 whose both
+#: stacks are Gemma 3, with label-free memory adapters (see `models.t5gemma2`)
+DEFAULT_MODEL = "t5gemma2:gemma-3-270m"
+#: the fallback without Gemma 3: BERT2BERT warm-started from all-MiniLM-L6-v2 (encoder and decoder
+#: weights from the checkpoint; cross-attention freshly initialised with `seed`). Its decoder pass
+#: ranks at chance (random cross-attention); it remains for offline tests and small installs.
+BERT2BERT_MODEL = "bert2bert:all-MiniLM-L6-v2"
+T5GEMMA2_PREFIX = "t5gemma2:"
+
+
+def default_model() -> str:
+    """`DEFAULT_MODEL` when its Gemma 3 checkpoint is fetched, else `BERT2BERT_MODEL`."""
+    from ...models import gemma3_gguf_path
+
+    return DEFAULT_MODEL if gemma3_gguf_path() is not None else BERT2BERT_MODEL
+
+
 _RECIPE_VERSION = 1
 _MODES = ("intra", "encoder")
 STORE_DTYPES = ("float16", "bfloat16", "float32", "int8")
@@ -56,6 +70,9 @@ POOLED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 CROSS_INITS = ("random", "self")
+#: decoder positions whose cross-attention queries score chunks: the m retrieval tokens alone
+#: (the paper's Eq. 3), or the query's own tokens as well (ColBERT-style query MaxSim)
+QUERY_POSITIONS = ("retrieval", "query+retrieval")
 
 
 def build_bert2bert(path: str, seed: int = 0, cross_init: str = "random") -> torch.nn.Module:
@@ -99,9 +116,14 @@ class IntraRetriever(StoreRetriever):
     """INTRA retrieval from within an encoder-decoder (see the module docstring).
 
     `model`: a local directory / hub id of a supported encoder-decoder (T5, flan-T5, BART,
-    T5Gemma, T5Gemma2, EncoderDecoderModel), or None for BERT2BERT from all-MiniLM-L6-v2.
+    T5Gemma, T5Gemma2, EncoderDecoderModel); ``"t5gemma2:<Gemma 3 gguf, directory or hub id>"``
+    to build a T5Gemma2 from a Gemma 3 checkpoint (`encoder_attention` "causal" or
+    "bidirectional"; `memory_adapter` "generated", "none" or a file, see `models.t5gemma2`); or
+    None: `DEFAULT_MODEL` (Gemma 3 270M) when fetched, else BERT2BERT from all-MiniLM-L6-v2.
     `pooled` (p) vectors per chunk; `retrieval_tokens` (m); `k0` initial-context size (0: C0 is
-    empty). `mode="encoder"` returns the encoder-side C0 stage alone. `ann_threshold`: live
+    empty). `query_positions`: whose cross-attention queries score chunks, the retrieval tokens
+    alone ("retrieval", the paper) or the query tokens too ("query+retrieval"; measured in
+    docs/intra.md). `mode="encoder"` returns the encoder-side C0 stage alone. `ann_threshold`: live
     chunks from which FAISS proposes candidates (`ann_k` pooled neighbours per query vector,
     IVF `ann_nprobe`, at most `ann_rerank` rows rescored exactly) instead of an exact full scan.
     `store_dtype` holds token states (``"int8"``: symmetric per-token int8 with a float16 scale,
@@ -127,6 +149,9 @@ class IntraRetriever(StoreRetriever):
         batch_size: int = 16,
         seed: int = 0,
         cross_init: str = "random",
+        encoder_attention: str = "causal",
+        query_positions: str = "retrieval",
+        memory_adapter: str = "generated",
         ann_threshold: int = 50_000,
         ann_k: int = 32,
         ann_nprobe: int = 16,
@@ -155,12 +180,31 @@ class IntraRetriever(StoreRetriever):
         ):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise InvalidInputError(f"{nm} must be an int >= {lo}, got {v!r}")
+        model = default_model() if model is None else model
         self.model_name = model
         self.device_arg, self.dtype_arg, self.seed = device, dtype, int(seed)
         if cross_init not in CROSS_INITS:
             raise InvalidInputError(f"cross_init must be one of {CROSS_INITS}, got {cross_init!r}")
+        from ...models.t5gemma2 import ENCODER_MODES
+
+        if encoder_attention not in ENCODER_MODES:
+            raise InvalidInputError(
+                f"encoder_attention must be one of {ENCODER_MODES}, got {encoder_attention!r}"
+            )
+        if not isinstance(memory_adapter, str) or not memory_adapter:
+            raise InvalidInputError(
+                "memory_adapter must be 'generated', 'none' or a path to a safetensors file"
+            )
+        if query_positions not in QUERY_POSITIONS:
+            raise InvalidInputError(
+                f"query_positions must be one of {QUERY_POSITIONS}, got {query_positions!r}"
+            )
+        self.query_positions = query_positions
         self.cross_init = cross_init
-        self.model, self.tokenizer = self._load(model, device, dtype, self.seed, cross_init)
+        self.encoder_attention, self.memory_adapter = encoder_attention, memory_adapter
+        self.model, self.tokenizer = self._load(
+            model, device, dtype, self.seed, cross_init, encoder_attention, memory_adapter
+        )
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.device = next(self.model.parameters()).device
@@ -194,7 +238,11 @@ class IntraRetriever(StoreRetriever):
             )
         )
         valid = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-        self.max_length = int(max_length) if max_length is not None else min(valid or [512])
+        limit = min(valid or [512])
+        # long-context backbones (Gemma 3: 32k) would make whole documents one chunk; INTRA pools
+        # each chunk to p vectors, so keep chunks passage-sized
+        limit = limit if limit <= 4096 else 512
+        self.max_length = int(max_length) if max_length is not None else limit
         self._ann: VectorIndex | None = None
         self.head: RetrievalHead | None = None
         special = self.tokenizer("x", add_special_tokens=True)["input_ids"]
@@ -212,11 +260,27 @@ class IntraRetriever(StoreRetriever):
     # ------------------------------------------------------------------ model
     @staticmethod
     def _load(
-        model: str | None, device: str | None, dtype: str | None, seed: int, cross_init: str
+        model: str,
+        device: str | None,
+        dtype: str | None,
+        seed: int,
+        cross_init: str,
+        encoder_attention: str,
+        memory_adapter: str,
     ):
         from ...models import load_tokenizer, resolve_device, resolve_dtype
 
-        if model is None or model == DEFAULT_MODEL:
+        if isinstance(model, str) and model.startswith(T5GEMMA2_PREFIX):
+            from ...models.t5gemma2 import load_from_gemma3
+
+            return load_from_gemma3(
+                model.removeprefix(T5GEMMA2_PREFIX),
+                encoder=encoder_attention,
+                adapter=memory_adapter,
+                device=device,
+                dtype=dtype,
+            )
+        if model is None or model == BERT2BERT_MODEL:
             path = default_dense_model_path()
             dev = resolve_device(device)
             net = build_bert2bert(path, seed, cross_init)
@@ -267,6 +331,9 @@ class IntraRetriever(StoreRetriever):
             "batch_size": self.batch_size,
             "seed": self.seed,
             "cross_init": self.cross_init,
+            "encoder_attention": self.encoder_attention,
+            "query_positions": self.query_positions,
+            "memory_adapter": self.memory_adapter,
             "ann_threshold": self.ann_threshold,
             "ann_k": self.ann_k,
             "ann_nprobe": self.ann_nprobe,
@@ -351,8 +418,16 @@ class IntraRetriever(StoreRetriever):
             "arch": self.adapter.arch,
         }
 
+    def query_projs(self) -> list[torch.nn.Module]:
+        """Each decoder layer's cross-attention query projection (what a query LoRA updates)."""
+        projs = [layer.query_proj for layer in self.layers]
+        if any(p is None for p in projs):  # pragma: no cover - every adapter sets it
+            raise InvalidInputError(f"{self.adapter.arch} exposes no query projections")
+        return projs  # type: ignore[return-value]
+
     def _install_head(self, head: RetrievalHead, where: object) -> None:
         head.check(
+            query_projs=self.query_projs(),
             model=model_fingerprint(self.model),
             recipe=self._fingerprint(),
             store=self._store_id(),
@@ -492,7 +567,11 @@ class IntraRetriever(StoreRetriever):
         tokens = head.tokens.to(device=self.device, dtype=emb.dtype)[None]
         inputs = torch.cat([emb, tokens], 1)
         memory, mask, null = self.memory_for(c0_rows)
-        with QueryTap(self.layers, slice(-head.m, None), null_memory=null) as tap:
+        positions = slice(-head.m, None) if self.query_positions == "retrieval" else slice(1, None)
+        with (
+            head.query_lora(self.query_projs()),
+            QueryTap(self.layers, positions, null_memory=null) as tap,
+        ):
             self.adapter.forward(memory, mask, inputs)
         return tap.folded()
 
