@@ -33,6 +33,19 @@ class DuplicateIdError(InvalidInputError):
         )
 
 
+class IdCollisionError(InvalidInputError):
+    """An id that would be both a chunk id and another document's id (``"a#0"`` as a document
+    id beside document ``"a"``): `delete` could then remove chunks that were not named."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.ids = [i for i, _ in pairs]
+        shown = "; ".join(f"{i!r} ({what})" for i, what in pairs[:5])
+        super().__init__(
+            f"id(s) would name both a chunk and another document: {shown}; "
+            "choose document ids that cannot be mistaken for chunk ids (document id + '#n')"
+        )
+
+
 class DimensionMismatchError(InvalidInputError):
     """A tensor whose shape or dtype does not match the store's tensor spec."""
 

@@ -62,11 +62,13 @@ def as_document(obj: Any) -> Document:
         text = obj.get("text", obj.get("page_content"))
         if text is None:
             raise InvalidInputError(f"document mapping needs a 'text' field: {dict(obj)!r:.200}")
+        if not isinstance(text, str):  # bytes would be stored as the string "b'...'"
+            raise InvalidInputError(f"document text must be str, got {type(text).__name__}")
         ident = obj.get("id", obj.get("_id"))
         doc = Document(
-            text=str(text),
+            text=text,
             id=None if ident is None else str(ident),
-            metadata=dict(obj.get("metadata") or {}),
+            metadata=_metadata(obj.get("metadata")),
         )
     else:
         text = getattr(obj, "page_content", None)
@@ -78,16 +80,38 @@ def as_document(obj: Any) -> Document:
         doc = Document(
             text=str(text),
             id=None if ident is None else str(ident),
-            metadata=dict(getattr(obj, "metadata", None) or {}),
+            metadata=_metadata(getattr(obj, "metadata", None)),
         )
     if not isinstance(doc.text, str):
         raise InvalidInputError(f"document text must be str, got {type(doc.text).__name__}")
+    if not isinstance(doc.metadata, Mapping):
+        doc = Document(text=doc.text, id=doc.id, metadata=_metadata(doc.metadata))
+    try:
+        doc.text.encode("utf-8")
+        (doc.id or "").encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: SQLite cannot store them
+        raise InvalidInputError(
+            f"document {doc.id!r:.60} holds characters that are not valid Unicode text "
+            f"(a lone surrogate at position {exc.start})"
+        ) from None
     if doc.id is None:
         doc = Document(text=doc.text, id=_stable_id(doc.text), metadata=doc.metadata)
     return doc
 
 
+def _metadata(meta: Any) -> dict[str, Any]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise InvalidInputError(f"document metadata must be a mapping, got {type(meta).__name__}")
+    return dict(meta)
+
+
 def as_documents(docs: Iterable[Any]) -> list[Document]:
-    if isinstance(docs, str | Document):
+    if isinstance(docs, str | Document | Mapping):
         docs = [docs]
+    if docs is None or not isinstance(docs, Iterable):
+        raise InvalidInputError(
+            f"documents must be an iterable of documents, got {type(docs).__name__}"
+        )
     return [as_document(d) for d in docs]

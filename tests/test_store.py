@@ -33,7 +33,7 @@ from intrinsic_retrieval.errors import (
 from intrinsic_retrieval.store import FORMAT_VERSION, EncodedChunkStore, TensorSpec
 from intrinsic_retrieval.store import shards as shards_mod
 from intrinsic_retrieval.store import store as store_mod
-from intrinsic_retrieval.types import Chunk
+from intrinsic_retrieval.types import Chunk, Document
 
 ROOT = Path(__file__).resolve().parents[1]
 FP = "fingerprint-" + "ab" * 16
@@ -1171,3 +1171,50 @@ def test_varlen_all_matches_per_row_views_across_shards(tmp_path):
     for i, expected in enumerate(rows):
         assert torch.equal(flat[offsets[i] : offsets[i + 1]], expected)
         assert torch.equal(store.varlen("t", [i])[0], expected)
+
+
+def test_ids_that_name_a_chunk_and_another_document_are_refused(tmp_path: Path) -> None:
+    """Issue: documents 'amb' and 'amb#0', then delete('amb#0') removed both. Such ids are now
+    refused at add (either order, in one batch or across batches); nothing is written."""
+    from intrinsic_retrieval import BM25Retriever, IdCollisionError
+
+    r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": "amb", "text": "alpha beta"}])
+    with pytest.raises(IdCollisionError, match="amb#0"):
+        r.add([{"id": "amb#0", "text": "gamma"}])
+    assert len(r) == 1
+    r2 = BM25Retriever(path=tmp_path / "t", show_progress=False)
+    r2.add([{"id": "x#0", "text": "first"}])
+    with pytest.raises(IdCollisionError):
+        r2.add([{"id": "x", "text": "second"}])  # its chunk 'x#0' would be document 'x#0'
+    with pytest.raises(IdCollisionError):
+        r2.add([{"id": "y", "text": "a"}, {"id": "y#0", "text": "b"}])
+    assert len(r2) == 1
+    assert r2.delete(["x#0"]) == 1  # unambiguous: only what was named
+    r2.add([{"id": "z", "text": "c"}, {"id": "z0", "text": "d"}])  # look-alikes are fine
+    assert len(r2) == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        42,
+        [{"id": "s", "text": "bad \udcff text"}],
+        [{"id": "b", "text": b"bytes"}],
+        [{"id": "m", "text": "ok", "metadata": "str"}],
+        [{"id": "l", "text": "ok", "metadata": ["a"]}],
+        [Document("ok", "d", "str")],  # type: ignore[arg-type]
+    ],
+    ids=["none", "int", "lone-surrogate", "bytes-text", "str-metadata", "list-metadata", "doc"],
+)
+def test_bad_documents_are_typed_errors_and_change_nothing(tmp_path: Path, bad) -> None:
+    from intrinsic_retrieval import BM25Retriever, InvalidInputError
+
+    r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": "keep", "text": "alpha beta"}])
+    with pytest.raises(InvalidInputError):
+        r.add(bad)
+    with pytest.raises(InvalidInputError):
+        r.delete(None)  # type: ignore[arg-type]
+    assert len(r) == 1 and r.search("alpha", k=1)[0].document_id == "keep"

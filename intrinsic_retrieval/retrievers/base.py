@@ -27,6 +27,7 @@ from ..errors import (
     DuplicateIdError,
     EmptyCorpusError,
     EmptyQueryError,
+    IdCollisionError,
     InvalidInputError,
     StoreError,
 )
@@ -186,6 +187,14 @@ class StoreRetriever(abc.ABC):
         docs = [d for d in docs if d.id not in existing]
         if not docs:
             return []
+        # a document id that is already another document's chunk id: refuse before writing
+        # anything (the store refuses every such collision batch by batch as well)
+        taken = self._store.rows_for_ids([str(d.id) for d in docs])
+        clash = [(c.id, "a document id here, a chunk id in the store")
+                 for c in self._store.get(taken)
+                 if c.id in {d.id for d in docs} and c.document_id != c.id]  # fmt: skip
+        if clash:
+            raise IdCollisionError(clash)
         with self.lock:
             self._ingest(docs)
         return [str(d.id) for d in docs]
@@ -218,6 +227,8 @@ class StoreRetriever(abc.ABC):
         """Tombstone documents (document id) or single chunks (chunk id); returns chunks removed."""
         if isinstance(ids, str):
             ids = [ids]
+        if ids is None or not isinstance(ids, Iterable):
+            raise InvalidInputError(f"ids must be an iterable of ids, got {type(ids).__name__}")
         with self.lock:
             rows = self._store.delete(ids)
             if rows:

@@ -55,6 +55,7 @@ import torch
 from ..errors import (
     ConcurrentWriteError,
     DuplicateIdError,
+    IdCollisionError,
     InvalidFilterError,
     InvalidInputError,
     ModelMismatchError,
@@ -520,6 +521,7 @@ class EncodedChunkStore:
             existing = self.existing_chunk_ids(ids)
             if existing:
                 raise DuplicateIdError(sorted(existing))
+            self._check_id_collisions(records)
             payload = shard_payload(self.specs, n, tensors)
 
             name = f"shards/shard-{start:09d}-{_uid()}.safetensors"
@@ -552,6 +554,32 @@ class EncodedChunkStore:
                 raise
             self._added_shard(name, mapped, start)
             return range(start, start + n)
+
+    def _check_id_collisions(self, records: Sequence[tuple]) -> None:
+        """Refuse chunk ids equal to another document's id and document ids equal to another
+        document's chunk id, in the batch or against live rows: otherwise `delete(id)` would
+        remove both (a chunk id equal to its own document's id is unambiguous and allowed)."""
+        doc_of = {r[0]: r[1] for r in records}  # chunk id -> its document id (this batch)
+        docs = {r[1] for r in records}
+        clashes: list[tuple[str, str]] = []
+        clashes += [(c, "a chunk id here, a document id in this batch")
+                    for c, d in doc_of.items() if c in docs and c != d]  # fmt: skip
+        clashes += [(d, "a document id here, a chunk id of another document in this batch")
+                    for d in docs if d in doc_of and doc_of[d] != d]  # fmt: skip
+        for c in sorted(self.existing_document_ids(doc_of)):
+            if doc_of[c] != c:
+                clashes.append((c, "a chunk id here, a document id in the store"))
+        for part in range(0, len(docs), _BATCH):
+            chunk = sorted(docs)[part : part + _BATCH]
+            q = (
+                "SELECT chunk_id, document_id FROM chunks WHERE deleted = 0 AND row < ? AND "
+                f"chunk_id IN ({','.join('?' * len(chunk))})"
+            )
+            for cid, did in self._query(q, [self.num_rows, *chunk]):
+                if cid != did:
+                    clashes.append((cid, "a document id here, a chunk id in the store"))
+        if clashes:
+            raise IdCollisionError(sorted(set(clashes)))
 
     def _added_shard(self, name: str, mapped: MappedFile, start: int) -> None:
         self._maps[name] = mapped
