@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, RetrievalError
-from .types import Document
+from .errors import InvalidFilterError, InvalidInputError, RetrievalError
+from .types import Document, as_document
 
 TEXT_SUFFIXES = {".md", ".txt", ".rst"}
 
@@ -28,22 +28,20 @@ def read_corpus(path: str | Path, *, limit: int | None = None) -> list[Document]
 
         docs = load_beir(root).documents()
     elif root.is_file() and root.suffix == ".jsonl":
-        with open(root, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                title = (rec.get("title") or "").strip()
-                text = rec.get("text", "")
-                docs.append(
-                    Document(
-                        text=f"{title}\n{text}" if title else text,
-                        id=str(rec.get("_id", rec.get("id")))
-                        if ("_id" in rec or "id" in rec)
-                        else None,
-                        metadata=dict(rec.get("metadata") or {}),
-                    )
+        from .eval.beir import _jsonl
+
+        for rec in _jsonl(root):
+            title = (rec.get("title") or "").strip()
+            text = rec.get("text", "")
+            docs.append(
+                as_document(
+                    {
+                        "text": f"{title}\n{text}" if title and isinstance(text, str) else text,
+                        "id": rec.get("_id", rec.get("id")),
+                        "metadata": rec.get("metadata"),
+                    }
                 )
+            )
     elif root.is_dir():
         for f in sorted(root.rglob("*")):
             if f.is_file() and f.suffix in TEXT_SUFFIXES:
@@ -147,7 +145,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .retrievers import load_retriever
 
     retriever = load_retriever(args.store, **parse_options(args.option))
-    flt = json.loads(args.filter) if args.filter else None
+    try:
+        flt = json.loads(args.filter) if args.filter else None
+    except json.JSONDecodeError as exc:
+        raise InvalidFilterError(f"--filter is not valid JSON: {exc}") from None
     results = retriever.search_batch(args.query, k=args.k, filter=flt)
     if args.json:
         print(json.dumps([[_hit_dict(h) for h in hs] for hs in results], indent=2))

@@ -99,3 +99,27 @@ def test_read_corpus_directory(tmp_path):
 def test_demo_runs(capsys):
     assert main(["demo", "--retriever", "bm25", "--limit", "200"]) == 0
     assert "query:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"_id": "a", "text": "caf\xe9"}\n', b'{"_id": "a", "text": \n', b"[1, 2]\n"],
+    ids=["bad-utf8", "bad-json", "not-an-object"],
+)
+def test_index_bad_jsonl_is_one_line_typed_error(tmp_path, capsys, content):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_bytes(b'{"_id": "ok", "text": "fine"}\n' + content)
+    rc = main(["index", str(corpus), "--store", str(tmp_path / "s"), "--retriever", "bm25"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "InvalidInputError" in err and "bad.jsonl:2" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()  # the corpus is read in full before any store exists
+
+
+def test_search_filter_not_json_is_typed_error(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["index", str(_corpus(tmp_path)), "--store", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["search", "moon", "--store", str(store), "--filter", "not json"]) == 2
+    err = capsys.readouterr().err
+    assert "InvalidFilterError" in err and "Traceback" not in err

@@ -61,13 +61,28 @@ class BeirDataset:
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InvalidInputError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+    """JSON objects, one per non-blank line; bad bytes, bad JSON or a non-object line is an
+    `InvalidInputError` naming the file and line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start : exc.start + 1]
+                raise InvalidInputError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {exc.start}: {bad!r})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{lineno}: invalid JSON ({exc})") from None
+            if not isinstance(rec, dict):
+                raise InvalidInputError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
+                )
+            yield rec
 
 
 def load_qrels(path: str | PathLike[str]) -> dict[str, dict[str, int]]:
