@@ -206,7 +206,8 @@ def main() -> None:
         **result_head(
             __file__,
             "intra_scifact",
-            "IntraRetriever on SciFact: encoder stage and full INTRA, before and after fit",
+            f"IntraRetriever on SciFact ({'BERT2BERT' if bert else 'Gemma 3 270M'} backbone): "
+            "encoder stage and full INTRA, before and after fit",
         ),
         "tables": [
             {
@@ -240,9 +241,9 @@ def main() -> None:
                     f"{intra.pooled_dtype} pooled vectors. fit: "
                     f"{hist['examples']} train queries, {hist['steps']} steps "
                     f"({args.epochs} epoch(s), "
-                    f"batch 8, lr {args.lr}), softmax over the top {args.n_candidates} "
-                    "encoder-stage "
-                    "chunks + positives; mean loss first/last 10% of steps, fit seconds: "
+                    f"batch 8, lr {args.lr}), softmax over {args.n_candidates} chunks (half the "
+                    "encoder stage's best, half uniform from the rest) + positives, or the whole "
+                    "corpus when smaller; mean loss first/last 10% of steps, fit seconds: "
                     + "; ".join(
                         f"{c}: {f['loss_first']:.3f} -> {f['loss_last']:.3f}, {f['fit_s']:.0f} s"
                         for c, f in fits.items()

@@ -62,6 +62,11 @@ def run(name: str) -> None:
     )
     engine = RetrieverQueryEngine.from_args(retriever, llm=Settings.llm)
     print(f"== {name}: {type(retriever.retriever).__name__}")
+    if getattr(retriever.retriever, "trained", True) is False:
+        print(
+            "   note: untrained retrieval head: zero-shot INTRA ranks at chance on this backbone,"
+            " so the sources below are not expected to be right (docs/intra.md)"
+        )
     question = "Which hormone controls blood sugar?"
     response = engine.query(question)
     print(f"Q: {question}\nA: {str(response).strip()[:80]!r}")

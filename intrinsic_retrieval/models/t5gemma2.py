@@ -481,7 +481,6 @@ def load_from_gemma3(
             if not path.is_file():
                 texts = generated_texts(causal, tok, show_progress=show_progress)
                 stats = fit_memory_adapters(model, tok, texts, show_progress=show_progress)
-                stats.pop("r2", None)
                 save_memory_adapters(
                     model,
                     path,
