@@ -254,6 +254,29 @@ def test_smollm2_gguf_readout_and_prefill_equivalence(smollm2_gguf: Path, tmp_pa
         torch.testing.assert_close(stored.float(), ka, atol=2e-2, rtol=1e-2)  # fp16 storage
 
 
+@pytest.mark.slow
+def test_default_is_gemma3_and_ranks_a_toy_corpus(tmp_path: Path) -> None:
+    from intrinsic_retrieval.models import gemma3_gguf_path
+
+    if gemma3_gguf_path() is None:
+        pytest.skip("Gemma 3 GGUF not found (run `make models`)")
+    r = InContextRetriever(path=str(tmp_path / "idx"), max_doc_tokens=48, show_progress=False)
+    assert r.model_name == "gemma3" and type(r.model).__name__ == "Gemma3ForCausalLM"
+    r.add(
+        [
+            {"id": "vit", "text": "Vitamin D deficiency is associated with higher fracture risk."},
+            {"id": "dog", "text": "The dog chased a ball across the park."},
+            {"id": "gene", "text": "The BRCA1 gene mutation increases breast cancer risk."},
+        ]
+    )
+    assert r.search("Which gene mutation raises breast cancer risk?", k=1)[0].document_id == (
+        "gene"
+    )
+    r.close()
+    again = InContextRetriever.load(str(tmp_path / "idx"), show_progress=False)
+    assert again.model_name == "gemma3"  # recorded resolved, not as "the default"
+
+
 def test_flex_backend_ranks_like_einsum(tiny_llama: str, tmp_path: Path) -> None:
     r = make(tiny_llama, tmp_path, ssmax="auto")
     r.add(DOCS)

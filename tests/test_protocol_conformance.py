@@ -83,12 +83,13 @@ def _intra(path: str | None = None):
 
 
 def _incontext(path: str | None = None):
-    """BlockSearch zero-shot attention readout with SmolLM2-135M (the packaged GGUF)."""
+    """BlockSearch zero-shot attention readout with SmolLM2-135M (the smaller packaged GGUF; the
+    Gemma 3 default is exercised by test_incontext_retriever.py's slow tests)."""
     from intrinsic_retrieval.models import smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
         pytest.skip("SmolLM2 GGUF not found (run `make models`)")
-    return create_retriever("incontext", path=path, show_progress=False)
+    return create_retriever("incontext", model="smollm2", path=path, show_progress=False)
 
 
 def _generative(path: str | None = None):

@@ -65,8 +65,10 @@ class StoreKV:
 
 #: packaged models by name (`make models` fetches them); any other string is a path or hub id
 PACKAGED_MODELS = {"smollm2": smollm2_gguf_path, "gemma3": gemma3_gguf_path}
-#: `model=None` loads this packaged model (chosen by measurement: docs/incontext.md)
-DEFAULT_MODEL = "smollm2"
+#: `model=None` loads this packaged model, chosen by measurement (docs/incontext.md): zero-shot
+#: on SciFact, Gemma 3 270M beats SmolLM2-135M (nDCG@10 0.79 vs 0.32 plain, 0.77 vs 0.68 with
+#: scalable softmax at 250 documents) and answers faster (fewer layers, one KV head)
+DEFAULT_MODEL = "gemma3"
 
 
 def packaged_model_path(model: str) -> str:
@@ -87,7 +89,9 @@ class InContextRetriever(StoreRetriever):
     """A decoder-only LM reads the corpus as independent document blocks; the query attends to
     all of them and the attention (or the code the model writes) ranks the documents.
 
-    Key options: `max_doc_tokens` (block size and query offset), `kv_dtype` ("float16" or
+    `model`: a packaged name (``"gemma3"``, the default, or ``"smollm2"``; `make models`), a
+    directory, a ``.gguf`` file or a hub id. Key options: `max_doc_tokens` (block size and
+    query offset), `kv_dtype` ("float16" or
     "int8"), `kv_layers` (layers whose keys/values are stored: the query pass runs exactly these),
     `scoring` ("readout" zero-shot, or "codes" for a fine-tuned model), `readout_layers` /
     `readout_heads`, `calibrate`, `ssmax` (scalable-softmax ``s_l``: a float, one per layer, or
