@@ -127,14 +127,9 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             bos_token_id=101,
             eos_token_id=102,
         )
-        vc = dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=8,
-        )
+        from intrinsic_retrieval.models.t5gemma2 import TINY_VISION
+
+        vc = dict(TINY_VISION)
         c = T.T5Gemma2Config(
             encoder=dict(
                 text_config=tc,

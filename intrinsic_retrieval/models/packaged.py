@@ -115,11 +115,9 @@ def require(name: str) -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ..store.shards import file_sha256
+
+    return file_sha256(Path(path))
 
 
 @contextmanager

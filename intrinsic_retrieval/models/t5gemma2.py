@@ -39,6 +39,15 @@ ADAPTER_FORMAT = "intrinsic-retrieval/memory-adapter/v1"
 #: config attribute recording how the built encoder attends (part of the model fingerprint)
 ENCODER_ATTR = "intrinsic_encoder_attention"
 _GEMMA3_TYPES = ("gemma3_text", "gemma3")
+#: the smallest SigLIP tower T5Gemma2 accepts; it is always built and never used for text
+TINY_VISION = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 16,
+    "patch_size": 8,
+}
 
 
 def _text_config(causal: nn.Module) -> Any:
@@ -82,14 +91,7 @@ def t5gemma2_config(causal: nn.Module, *, encoder: str = "causal") -> Any:
         eos_token_id=g.eos_token_id,
     )
     vocab = int(g.vocab_size)  # image token ids outside the vocabulary: never matched
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=8,
-    )
+    vision = dict(TINY_VISION)
     config = T5Gemma2Config(
         encoder=dict(
             text_config=text,
