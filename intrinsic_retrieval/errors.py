@@ -69,6 +69,17 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """The path holds no store (no manifest.json)."""
 
 
+class StorePermissionError(StoreError, PermissionError):
+    """The store (or a file in it) exists but this user may not read or write it."""
+
+    def __init__(self, path: object, action: str = "read") -> None:
+        self.path = path
+        super().__init__(
+            f"{path}: permission denied ({action}); the store is not damaged: open it as a user "
+            "who may, or change the files' permissions"
+        )
+
+
 class StoreCorruptedError(StoreError):
     """A store file is truncated, fails its checksum, or cannot be parsed. Names the file."""
 

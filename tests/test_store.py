@@ -1218,3 +1218,72 @@ def test_bad_documents_are_typed_errors_and_change_nothing(tmp_path: Path, bad) 
     with pytest.raises(InvalidInputError):
         r.delete(None)  # type: ignore[arg-type]
     assert len(r) == 1 and r.search("alpha", k=1)[0].document_id == "keep"
+
+
+def test_store_files_follow_the_umask(tmp_path: Path) -> None:
+    """Files were created 0600 (mkstemp), so another user could not open a store at all."""
+    import stat
+
+    from intrinsic_retrieval import BM25Retriever
+
+    old = os.umask(0o022)
+    try:
+        r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+        r.add([{"id": "a", "text": "alpha beta"}])
+        r.save(tmp_path / "copy")
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "s", tmp_path / "copy"):
+        files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        assert files
+        for p in files:
+            assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o755
+
+
+def test_permission_problems_are_reported_as_such(tmp_path: Path, monkeypatch) -> None:
+    from intrinsic_retrieval import BM25Retriever, StorePermissionError
+
+    r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": "a", "text": "alpha beta"}])
+    r.close()
+    real = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p).endswith(".sqlite") else real(p, mode)
+    )
+    with pytest.raises(StorePermissionError, match="permission denied"):
+        EncodedChunkStore.open(tmp_path / "s", read_only=True)
+    monkeypatch.setattr(os, "access", real)
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(StorePermissionError, match=r"manifest\.json"):
+        EncodedChunkStore.open(tmp_path / "s", read_only=True)
+
+
+def test_read_only_open_after_a_killed_write_is_not_called_corrupted(tmp_path: Path) -> None:
+    """A writer killed mid-transaction leaves a hot SQLite journal; a read-only open (info
+    --verify) used to fail with 'attempt to write a readonly database'."""
+    from intrinsic_retrieval import BM25Retriever
+
+    r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": f"d{i}", "text": f"text number {i} " * 20} for i in range(50)])
+    r.close()
+    db = next((tmp_path / "s").glob("*.sqlite"))
+    code = (
+        "import os, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1])\n"
+        "c.execute('PRAGMA cache_size=1')\n"
+        "c.execute('BEGIN')\n"
+        "c.execute(\"UPDATE chunks SET text = text || ' changed'\")\n"
+        "os._exit(9)  # killed before COMMIT: the journal is left hot\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(db)], check=False, timeout=60)
+    assert Path(f"{db}-journal").exists()
+    store = EncodedChunkStore.open(tmp_path / "s", read_only=True)
+    store.verify()  # raises StoreCorruptedError on any problem
+    assert len(store.live_rows()) == 50
+    assert not store.get([0])[0].text.endswith("changed")  # rolled back, nothing lost
+    store.close()

@@ -175,6 +175,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise StoreNotFoundError(f"no encoded-chunk store at {root} (missing {MANIFEST})") from exc
     except NotADirectoryError as exc:
         raise StoreNotFoundError(f"no encoded-chunk store at {root} (not a directory)") from exc
+    except PermissionError:
+        from ..errors import StorePermissionError
+
+        raise StorePermissionError(mpath, "read") from None
     except OSError as exc:
         raise StoreCorruptedError(mpath, f"cannot be read ({exc})") from exc
     if not raw.strip():

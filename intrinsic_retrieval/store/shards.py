@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import InvalidInputError, StoreCorruptedError
+from ..errors import InvalidInputError, StoreCorruptedError, StorePermissionError
 
 #: safetensors dtype code -> torch dtype (what the mapper can read back)
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -86,6 +86,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def user_mode(path: Path | str, *, directory: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the mode any file the user creates gets,
+    so other users can read a store exactly as the umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +114,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,6 +162,7 @@ def write_safetensors(
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         info = {"bytes": os.path.getsize(tmp), "sha256": file_sha256(Path(tmp))}
+        user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -166,6 +187,8 @@ class MappedFile:
     def __init__(self, path: Path, expected_bytes: int | None = None) -> None:
         self.path = path
         size = _checked_size(path, expected_bytes)
+        if not os.access(path, os.R_OK):
+            raise StorePermissionError(path, "read")
         with open(path, "rb") as fh:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len > size - 8 or header_len > _MAX_HEADER:

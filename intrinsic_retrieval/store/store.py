@@ -61,6 +61,7 @@ from ..errors import (
     ModelMismatchError,
     StoreCorruptedError,
     StoreError,
+    StorePermissionError,
     UnknownIdError,
 )
 from ..filters import compile_filter
@@ -77,7 +78,14 @@ from .manifest import (
     validate_manifest,
 )
 from .rows import chunk_record, json_metadata, shard_payload
-from .shards import MappedFile, atomic_write_json, file_sha256, fsync_dir, write_safetensors
+from .shards import (
+    MappedFile,
+    atomic_write_json,
+    file_sha256,
+    fsync_dir,
+    user_mode,
+    write_safetensors,
+)
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "EncodedChunkStore", "TensorSpec"]
 
@@ -124,6 +132,25 @@ def _remove_orphans(root: Path, manifest: Mapping[str, Any]) -> None:
     for pattern in (f".{MANIFEST}.*.tmp", ".chunks-*.tmp"):
         for f in root.glob(pattern):
             f.unlink(missing_ok=True)
+
+
+def _roll_back_hot_journal(dbpath: Path) -> None:
+    """A write killed mid-transaction leaves a "hot" rollback journal that only a writable
+    connection may roll back; a read-only open would call a healthy store corrupted. When the
+    files are writable, a short writable connection rolls it back (SQLite does so only if no
+    live writer holds the journal), so readers are not refused."""
+    journal = Path(f"{dbpath}-journal")
+    try:
+        if not journal.is_file() or journal.stat().st_size == 0:
+            return
+        if not (os.access(dbpath, os.W_OK) and os.access(dbpath.parent, os.W_OK)):
+            raise StoreCorruptedError(
+                dbpath, "interrupted write: open the store once writable to recover"
+            )
+        with closing(sqlite3.connect(dbpath, timeout=5.0)) as conn:
+            conn.execute("SELECT count(*) FROM chunks").fetchone()
+    except (OSError, sqlite3.Error):
+        return  # the normal open reports what is really wrong
 
 
 class EncodedChunkStore:
@@ -284,7 +311,11 @@ class EncodedChunkStore:
         dbpath = self.path / name
         if not dbpath.is_file():
             raise StoreCorruptedError(dbpath, "SQLite file listed in the manifest is missing")
+        if not os.access(dbpath, os.R_OK if self.read_only else os.R_OK | os.W_OK):
+            raise StorePermissionError(dbpath, "read" if self.read_only else "read and write")
         conn: sqlite3.Connection | None = None
+        if self.read_only:
+            _roll_back_hot_journal(dbpath)
         try:
             if self.read_only:
                 uri = dbpath.resolve().as_uri() + "?mode=ro"
@@ -1082,6 +1113,7 @@ class EncodedChunkStore:
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
             try:
                 self._copy_into(tmp)
+                user_mode(tmp, directory=True)
                 os.rename(tmp, dest)
             except BaseException:
                 _rmtree(tmp)
@@ -1151,6 +1183,7 @@ class EncodedChunkStore:
                 os.fsync(out.fileno())
             if h.hexdigest() != entry["sha256"]:
                 raise StoreCorruptedError(src, "sha256 checksum does not match the manifest")
+            user_mode(tmp)
             os.replace(tmp, target)
         except FileNotFoundError as exc:
             Path(tmp).unlink(missing_ok=True)
