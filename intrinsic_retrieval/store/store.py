@@ -134,6 +134,18 @@ def _remove_orphans(root: Path, manifest: Mapping[str, Any]) -> None:
             f.unlink(missing_ok=True)
 
 
+def rows_digest(conn: sqlite3.Connection, start: int, n: int) -> str:
+    """sha256 of rows ``[start, start + n)`` as SQLite holds them (ids, text, metadata, span;
+    not the tombstone flag, which `delete` changes): what `verify` compares with the digest the
+    manifest recorded when the rows were written."""
+    h = hashlib.sha256()
+    q = f"SELECT {_COLUMNS} FROM chunks WHERE row >= ? AND row < ? ORDER BY row"
+    for rec in conn.execute(q, (start, start + n)):
+        h.update(json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 def _roll_back_hot_journal(dbpath: Path) -> None:
     """A write killed mid-transaction leaves a "hot" rollback journal that only a writable
     connection may roll back; a read-only open would call a healthy store corrupted. When the
@@ -570,6 +582,7 @@ class EncodedChunkStore:
                 with self._db:
                     self._db.execute("DELETE FROM chunks WHERE row >= ?", (start,))
                     self._db.executemany(_INSERT, [(start + i, *r) for i, r in enumerate(records)])
+                entry["rows_sha256"] = rows_digest(self._db, start, n)
                 self._commit(new)
             except BaseException as exc:
                 if self._manifest is not before and mapped is not None:
@@ -705,6 +718,9 @@ class EncodedChunkStore:
             try:
                 self._write_compacted_db(self.path / db_name, live)
                 shards = self._write_compacted_shards(live, max_shard_bytes, created)
+                with closing(sqlite3.connect(self.path / db_name)) as db:
+                    for entry in shards:
+                        entry["rows_sha256"] = rows_digest(db, entry["start"], entry["rows"])
                 new = self._next_manifest()
                 new.update(shards=shards, sqlite=db_name, num_rows=len(live))
                 maps = {s["file"]: self._map_shard(s, self.specs) for s in shards}
@@ -1075,10 +1091,21 @@ class EncodedChunkStore:
                     "SELECT count(*) FROM chunks WHERE row < ? AND NOT json_valid(metadata)",
                     (self.num_rows,),
                 )
+                if bad:
+                    raise StoreCorruptedError(dbpath, f"{bad} rows hold invalid JSON metadata")
+                for entry in manifest["shards"]:
+                    want = entry.get("rows_sha256")  # absent in stores written before it
+                    if (
+                        want is not None
+                        and rows_digest(self._db, entry["start"], entry["rows"]) != want
+                    ):
+                        raise StoreCorruptedError(
+                            dbpath,
+                            f"rows {entry['start']}-{entry['start'] + entry['rows'] - 1}: ids, "
+                            "text or metadata differ from what was written (checksum mismatch)",
+                        )
             except sqlite3.Error as exc:
                 raise StoreCorruptedError(dbpath, f"SQLite error: {exc}") from exc
-            if bad:
-                raise StoreCorruptedError(dbpath, f"{bad} rows hold invalid JSON metadata")
 
     def copy_to(self, dest: str | PathLike[str], *, overwrite: bool = True) -> Path:
         """Copy the committed store to `dest` atomically; returns `dest`.
