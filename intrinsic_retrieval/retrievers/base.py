@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import atexit
+import inspect
 import shutil
 import tempfile
 import threading
@@ -29,6 +30,8 @@ from ..errors import (
     EmptyQueryError,
     IdCollisionError,
     InvalidInputError,
+    RetrievalError,
+    StoreCorruptedError,
     StoreError,
 )
 from ..protocol import Filter
@@ -140,7 +143,16 @@ class StoreRetriever(abc.ABC):
             store = EncodedChunkStore.open(root, fingerprint=fp)
             got = store.config.get("retriever")
             if got != self.name:
+                store.close()
                 raise StoreError(f"store {root} was built by retriever {got!r}, not {self.name!r}")
+            want = self._specs()
+            if store.specs != want:  # same model, yet not the tensors it writes: damage
+                store.close()
+                raise StoreCorruptedError(
+                    root / "manifest.json",
+                    f"tensor table {sorted(store.specs)} is not what {type(self).__name__} "
+                    f"stores ({sorted(want)})",
+                )
             return store
         return EncodedChunkStore.create(
             root, fingerprint=fp, specs=self._specs(), config=self._manifest_config()
@@ -316,8 +328,23 @@ class StoreRetriever(abc.ABC):
             target = retriever_class(name)
             if not issubclass(target, cls):
                 raise StoreError(f"store at {path} holds a {name!r} index, not {cls.name!r}")
-        kwargs = {**config.get("init", {}), **overrides, "path": path}
-        return target(**kwargs)  # type: ignore[return-value]
+        init = config.get("init", {})
+        if not isinstance(init, Mapping):
+            raise StoreCorruptedError(
+                Path(path) / "manifest.json", "the recorded constructor options are not an object"
+            )
+        kwargs = {**init, **overrides, "path": path}
+        try:
+            return target(**kwargs)  # type: ignore[return-value]
+        except RetrievalError:
+            raise
+        except (TypeError, ValueError) as exc:  # an unknown option, or a value of the wrong type
+            bad = sorted(set(init) - set(inspect.signature(target).parameters))
+            raise StoreCorruptedError(
+                Path(path) / "manifest.json",
+                f"recorded constructor options {bad or ''} do not fit {target.__name__} "
+                f"({exc}); pass the right ones as overrides to load()",
+            ) from None
 
     def close(self) -> None:
         self._store.close()

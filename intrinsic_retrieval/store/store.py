@@ -246,8 +246,15 @@ class EncodedChunkStore:
             return store
         if root.exists() and not root.is_dir():
             raise StoreError(f"cannot create a store at {root}: it is a file")
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "shards").mkdir(exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "shards").mkdir(exist_ok=True)
+        except PermissionError:
+            raise StorePermissionError(root, "create") from None
+        except (NotADirectoryError, FileExistsError):
+            raise StoreError(f"cannot create a store at {root}: a parent is a file") from None
+        except OSError as exc:
+            raise StoreError(f"cannot create a store at {root}: {exc.strerror or exc}") from None
         key = lock.acquire(root)
         try:
             now = time.time()
@@ -1014,11 +1021,25 @@ class EncodedChunkStore:
                 f"row IN ({','.join('?' * len(part))})"
             )
             for row, cid, did, text, meta, s, e in self._query(q, [n, *part]):
-                found[row] = Chunk(cid, did, text, json.loads(meta), s, e)
+                found[row] = Chunk(cid, did, text, self._metadata(meta, row), s, e)
         missing = [r for r in rows if r not in found]
         if missing:
             raise UnknownIdError(f"rows not in store: {missing[:5]}")
         return [found[r] for r in rows]
+
+    def _metadata(self, raw: str, row: int) -> dict[str, Any]:
+        """A row's metadata; SQLite damage is a `StoreCorruptedError`, not a JSON traceback."""
+        try:
+            meta = json.loads(raw)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise StoreCorruptedError(
+                self.path / self._manifest["sqlite"], f"row {row}: metadata is not valid JSON"
+            ) from exc
+        if not isinstance(meta, dict):
+            raise StoreCorruptedError(
+                self.path / self._manifest["sqlite"], f"row {row}: metadata is not an object"
+            )
+        return meta
 
     def row_of(self, chunk_id: str) -> int:
         """Row of a chunk id: the live one, else the most recent tombstoned one."""
@@ -1044,7 +1065,7 @@ class EncodedChunkStore:
             if not batch:
                 return
             for row, cid, did, text, meta, s, e in batch:
-                yield int(row), Chunk(cid, did, text, json.loads(meta), s, e)
+                yield int(row), Chunk(cid, did, text, self._metadata(meta, row), s, e)
             pos = int(batch[-1][0]) + 1
 
     # ------------------------------------------------------------------ integrity and copying
