@@ -1385,3 +1385,7 @@ def test_manifest_with_an_emptied_tensor_table_is_refused_at_open(tmp_path: Path
     mpath.write_text(json.dumps(m))
     with pytest.raises(StoreCorruptedError, match="tensor table"):
         load_retriever(tmp_path / "s")
+    store = EncodedChunkStore.open(tmp_path / "s", read_only=True)
+    with pytest.raises(StoreCorruptedError, match="tensor table lacks"):
+        store.verify()  # `info --verify` sees it too
+    store.close()

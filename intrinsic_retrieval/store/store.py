@@ -1093,6 +1093,14 @@ class EncodedChunkStore:
                     raise StoreCorruptedError(f, "sha256 checksum does not match the manifest")
             for entry in manifest["shards"]:
                 mapped = self._map_shard(entry, self.specs)
+                unlisted = sorted(
+                    n for n in mapped.tensors if n.removesuffix(".offsets") not in self.specs
+                )
+                if unlisted:  # the manifest's tensor table no longer describes the shards
+                    raise StoreCorruptedError(
+                        self.path / entry["file"],
+                        f"holds tensors {unlisted[:5]} that the manifest's tensor table lacks",
+                    )
                 for name, spec in self.specs.items():
                     if spec.kind == "varlen":
                         off = mapped.tensors[f"{name}.offsets"]
