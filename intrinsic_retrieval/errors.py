@@ -80,6 +80,18 @@ class StorePermissionError(StoreError, PermissionError):
         )
 
 
+class StoreRecoveryNeededError(StoreError):
+    """A write was interrupted and only a writable open may finish recovering the store; the
+    store is not corrupted."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+        super().__init__(
+            f"{path}: interrupted write; open the store once writable (e.g. `intrinsic-retrieval "
+            "index` or any writable load) to recover it, then read-only opens work again"
+        )
+
+
 class StoreCorruptedError(StoreError):
     """A store file is truncated, fails its checksum, or cannot be parsed. Names the file."""
 

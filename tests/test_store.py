@@ -1282,6 +1282,13 @@ def test_read_only_open_after_a_killed_write_is_not_called_corrupted(tmp_path: P
     )
     subprocess.run([sys.executable, "-c", code, str(db)], check=False, timeout=60)
     assert Path(f"{db}-journal").exists()
+    from intrinsic_retrieval import StoreRecoveryNeededError
+
+    real = os.access
+    with pytest.MonkeyPatch.context() as mp:  # a reader who may not write: told what to do
+        mp.setattr(os, "access", lambda p, mode: real(p, mode) and not mode & os.W_OK)
+        with pytest.raises(StoreRecoveryNeededError, match="open the store once writable"):
+            EncodedChunkStore.open(tmp_path / "s", read_only=True)
     store = EncodedChunkStore.open(tmp_path / "s", read_only=True)
     store.verify()  # raises StoreCorruptedError on any problem
     assert len(store.live_rows()) == 50

@@ -62,6 +62,7 @@ from ..errors import (
     StoreCorruptedError,
     StoreError,
     StorePermissionError,
+    StoreRecoveryNeededError,
     UnknownIdError,
 )
 from ..filters import compile_filter
@@ -156,9 +157,7 @@ def _roll_back_hot_journal(dbpath: Path) -> None:
         if not journal.is_file() or journal.stat().st_size == 0:
             return
         if not (os.access(dbpath, os.W_OK) and os.access(dbpath.parent, os.W_OK)):
-            raise StoreCorruptedError(
-                dbpath, "interrupted write: open the store once writable to recover"
-            )
+            raise StoreRecoveryNeededError(dbpath)
         with closing(sqlite3.connect(dbpath, timeout=5.0)) as conn:
             conn.execute("SELECT count(*) FROM chunks").fetchone()
     except (OSError, sqlite3.Error):
