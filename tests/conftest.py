@@ -46,3 +46,13 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.skip("SmolLM2 GGUF not found (run `make models`)")
     return Path(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread (two spin for ~10 ms per op on a loaded 2-core box).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -27,13 +27,7 @@ from intrinsic_retrieval.models.t5gemma2 import (
     save_memory_adapters,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids() -> tuple[torch.Tensor, torch.Tensor]:
