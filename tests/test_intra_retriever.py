@@ -487,7 +487,8 @@ def test_training_candidates_mix_hard_and_uniform_negatives() -> None:
     assert rows[:3] == [5, 6, 7] and {95, 50} <= set(rows)
     assert len([r for r in rows if r not in (5, 6, 7, 95, 50)]) >= 16
     assert all(r < 90 or r == 95 for r in rows)
-    assert _candidates(live, top, [], n=20, seed=0).tolist() == _candidates(
-        live, top, [], n=20, seed=0
-    ).tolist()
+    assert (
+        _candidates(live, top, [], n=20, seed=0).tolist()
+        == _candidates(live, top, [], n=20, seed=0).tolist()
+    )
     assert _candidates(live, top, [], n=20, seed=1).tolist() != rows[:20]
