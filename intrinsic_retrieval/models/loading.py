@@ -248,6 +248,7 @@ def dequantised_copy(gguf_path: Path) -> Path | None:
     memory-mapped and takes seconds. The copy is built in a temporary directory and renamed into
     place under a file lock, so two processes never see or write a half-made copy. Returns None
     (the caller loads the GGUF directly) when the folder beside the file is not writable."""
+    from ..store.shards import user_mode
     from .packaged import file_lock
 
     gguf_path = Path(gguf_path).resolve()
@@ -263,22 +264,16 @@ def dequantised_copy(gguf_path: Path) -> Path | None:
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}-"))
             try:
                 _write_dequantised(gguf_path, tmp)
-                _umask_permissions(tmp)
+                # mkdtemp makes a 0700 folder: give the copy the user's usual permissions
+                for f in tmp.iterdir():
+                    user_mode(f)
+                user_mode(tmp, directory=True)
                 os.replace(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return out
     except PermissionError:
         return None
-
-
-def _umask_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 folders: give the copy the permissions of any file the user creates."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~mask)
 
 
 def _write_dequantised(gguf_path: Path, into: Path) -> None:

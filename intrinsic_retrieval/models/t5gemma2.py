@@ -136,7 +136,7 @@ def build_t5gemma2(causal: nn.Module, *, encoder: str = "causal", seed: int = 0)
         torch.manual_seed(seed)
         model = T5Gemma2ForConditionalGeneration(config)
     body = _gemma_body(causal)
-    src = {k: v for k, v in body.state_dict().items()}
+    src = body.state_dict()
     targets = (model.model.encoder.text_model, model.model.decoder)
     with torch.no_grad():
         for stack in targets:
