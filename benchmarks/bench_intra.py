@@ -32,11 +32,45 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 WORDS = [
-    "protein", "cell", "gene", "tumor", "vaccine", "dose", "trial", "river", "solar",
-    "panel", "energy", "climate", "model", "neural", "network", "memory", "attention",
-    "retrieval", "encoder", "decoder", "chunk", "query", "evidence", "study", "result",
-    "effect", "risk", "patient", "therapy", "blood", "brain", "heart", "lung", "virus",
-    "immune", "response", "signal", "pathway", "growth",
+    "protein",
+    "cell",
+    "gene",
+    "tumor",
+    "vaccine",
+    "dose",
+    "trial",
+    "river",
+    "solar",
+    "panel",
+    "energy",
+    "climate",
+    "model",
+    "neural",
+    "network",
+    "memory",
+    "attention",
+    "retrieval",
+    "encoder",
+    "decoder",
+    "chunk",
+    "query",
+    "evidence",
+    "study",
+    "result",
+    "effect",
+    "risk",
+    "patient",
+    "therapy",
+    "blood",
+    "brain",
+    "heart",
+    "lung",
+    "virus",
+    "immune",
+    "response",
+    "signal",
+    "pathway",
+    "growth",
 ]
 
 
@@ -113,7 +147,11 @@ def main() -> None:
     texts = synthetic_texts(sizes[0], args.words)
 
     r = IntraRetriever(
-        None, path=work / "store", show_progress=False, max_length=256, ann_threshold=10**12,
+        None,
+        path=work / "store",
+        show_progress=False,
+        max_length=256,
+        ann_threshold=10**12,
         store_dtype=args.store_dtype,
     )
     t0 = time.perf_counter()
@@ -171,8 +209,17 @@ def main() -> None:
                 lat = pct(latency(r, qs, hits=intra_ann))
                 if ann_k == default_k:
                     ann = lat
-                rows_rec.append([n, len(qs), ann_k, recall(enc_ann, enc_hits),
-                                 recall(intra_ann, intra_hits), *lat, warm])
+                rows_rec.append(
+                    [
+                        n,
+                        len(qs),
+                        ann_k,
+                        recall(enc_ann, enc_hits),
+                        recall(intra_ann, intra_hits),
+                        *lat,
+                        warm,
+                    ]
+                )
                 print("recall", rows_rec[-1], flush=True)
             r.ann_k = default_k
             r.ann_threshold = 10**12
@@ -200,8 +247,17 @@ def main() -> None:
             q = torch.randn(1, nvec, d)
             t = min(_timed(lambda q=q, p=pooled: maxsim_topk(q, p, 10)) for _ in range(3))
             gflop = 2 * pooled.shape[0] * pooled.shape[1] * d * nvec / 1e9
-            rows_scan.append([label, str(dt).removeprefix("torch."), nvec, round(gb / t, 3),
-                              round(gb / copy_t, 3), round(copy_t / t, 3), round(gflop / t, 1)])
+            rows_scan.append(
+                [
+                    label,
+                    str(dt).removeprefix("torch."),
+                    nvec,
+                    round(gb / t, 3),
+                    round(gb / copy_t, 3),
+                    round(copy_t / t, 3),
+                    round(gflop / t, 1),
+                ]
+            )
             print("scan", rows_scan[-1], flush=True)
     n_scan = base_pooled.shape[0]
 
@@ -253,17 +309,31 @@ def main() -> None:
             },
             {
                 "title": "FAISS-candidate path vs exact full scan (same queries)",
-                "columns": ["chunks", "queries", "ann_k", "encoder stage recall@10",
-                            "INTRA recall@10", "INTRA p50 ms", "p95",
-                            "first query s (incl. FAISS build on first row)"],
+                "columns": [
+                    "chunks",
+                    "queries",
+                    "ann_k",
+                    "encoder stage recall@10",
+                    "INTRA recall@10",
+                    "INTRA p50 ms",
+                    "p95",
+                    "first query s (incl. FAISS build on first row)",
+                ],
                 "rows": rows_rec,
                 "notes": "recall@10 = |FAISS top-10 ∩ exact top-10| / 10, averaged over "
                 "queries; untrained retrieval head (random tokens), noisy-copy rows.",
             },
             {
                 "title": "Pooled-store scan throughput vs plain copy (CPU)",
-                "columns": ["scan", "pooled dtype", "query vectors", "scan GB/s", "copy GB/s",
-                         "fraction of copy", "GFLOP/s"],
+                "columns": [
+                    "scan",
+                    "pooled dtype",
+                    "query vectors",
+                    "scan GB/s",
+                    "copy GB/s",
+                    "fraction of copy",
+                    "GFLOP/s",
+                ],
                 "rows": rows_scan,
                 "notes": f"{n_scan} chunks x {r.p} x {d} pooled vectors in RAM; full-corpus "
                 "maxsim_topk (k=10) vs torch copy_ of the same tensor; GB/s counts the tensor's "

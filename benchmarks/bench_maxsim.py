@@ -72,6 +72,7 @@ def bench_device(args: argparse.Namespace, device: torch.device) -> list[list[ob
 
         def copy(docs=docs, dst=dst):
             return dst.copy_(docs)
+
         cases: list[tuple[int, torch.Tensor | None, str]] = [
             (int(q), None, "all") for q in args.queries.split(",")
         ]
@@ -88,12 +89,21 @@ def bench_device(args: argparse.Namespace, device: torch.device) -> list[list[ob
             n_scored = args.n if candidates is None else int(candidates.sum())
             # fraction of copy speed for the bytes actually scanned
             fraction = ratio * (scanned / nbytes)
-            rows.append([
-                device.type, dname, nq, label, round(nbytes / 2**20, 1), round(secs * 1000, 2),
-                round(cpu_s * 1000, 2) if device.type == "cpu" else None,
-                round(scanned / secs / 1e9, 3), round(nbytes / copy_s / 1e9, 3),
-                round(fraction, 3), round(n_scored / secs),
-            ])
+            rows.append(
+                [
+                    device.type,
+                    dname,
+                    nq,
+                    label,
+                    round(nbytes / 2**20, 1),
+                    round(secs * 1000, 2),
+                    round(cpu_s * 1000, 2) if device.type == "cpu" else None,
+                    round(scanned / secs / 1e9, 3),
+                    round(nbytes / copy_s / 1e9, 3),
+                    round(fraction, 3),
+                    round(n_scored / secs),
+                ]
+            )
             print("  ".join(str(v) for v in rows[-1]), flush=True)
         del docs, dst
         if device.type == "cuda":
@@ -123,8 +133,19 @@ def main() -> None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = args.devices.split(",")
-    columns = ["device", "dtype", "Q", "candidates", "docs MiB", "median ms", "CPU ms",
-               "GB/s scanned", "copy GB/s", "fraction of copy", "chunks/s"]
+    columns = [
+        "device",
+        "dtype",
+        "Q",
+        "candidates",
+        "docs MiB",
+        "median ms",
+        "CPU ms",
+        "GB/s scanned",
+        "copy GB/s",
+        "fraction of copy",
+        "chunks/s",
+    ]
     print("  ".join(columns))
     rows: list[list[object]] = []
     load_before = os.getloadavg()[0]
@@ -140,22 +161,27 @@ def main() -> None:
         "title": "MaxSim scan over pooled vectors: throughput vs a plain copy",
         "command": command.strip(),
         "machine": machine,
-        "tables": [{
-            "title": (f"MaxSim top-{args.k} scan: N={args.n:,} chunks x p={args.p} vectors x "
-                      f"d={args.d}, m={args.m} vectors per query"),
-            "columns": columns,
-            "rows": rows,
-            "notes": (
-                "Median of the repeats after warm-up. 'GB/s scanned' = bytes of the document "
-                "rows scored / time; 'copy GB/s' = the same tensor through dst.copy_(src) in the "
-                "same run, interleaved with the kernel (reads + writes it once); 'fraction of "
-                "copy' = median per-repeat ratio of the two rates. 'CPU ms' = process CPU time "
-                "(wall time above it means other processes held the cores). fp16/bf16 blocks "
-                "are converted to fp32 before the matmul. With many query vectors (Q x m) the "
-                f"CPU matmul is compute-bound, not memory-bound. CPU threads: {args.threads}; "
-                f"1-min load average {load_before:.1f} before, {load_after:.1f} after."
-            ),
-        }],
+        "tables": [
+            {
+                "title": (
+                    f"MaxSim top-{args.k} scan: N={args.n:,} chunks x p={args.p} vectors x "
+                    f"d={args.d}, m={args.m} vectors per query"
+                ),
+                "columns": columns,
+                "rows": rows,
+                "notes": (
+                    "Median of the repeats after warm-up. 'GB/s scanned' = bytes of the "
+                    "document rows scored / time; 'copy GB/s' = the same tensor through "
+                    "dst.copy_(src) in the same run, interleaved with the kernel (reads + "
+                    "writes it once); 'fraction of copy' = median per-repeat ratio of the two "
+                    "rates. 'CPU ms' = process CPU time (wall time above it means other "
+                    "processes held the cores). fp16/bf16 blocks are converted to fp32 before "
+                    "the matmul. With many query vectors (Q x m) the "
+                    f"CPU matmul is compute-bound, not memory-bound. CPU threads: {args.threads}; "
+                    f"1-min load average {load_before:.1f} before, {load_after:.1f} after."
+                ),
+            }
+        ],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

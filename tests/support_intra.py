@@ -156,13 +156,33 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             if arch == "mt5"
             else (T.UMT5ForConditionalGeneration, T.UMT5Config)
         )
-        m = cls(cfg(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                    decoder_start_token_id=101, pad_token_id=0, eos_token_id=102))
+        m = cls(
+            cfg(
+                vocab_size=VOCAB,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=101,
+                pad_token_id=0,
+                eos_token_id=102,
+            )
+        )
     elif arch == "mbart":
-        c = T.MBartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
-                          encoder_attention_heads=4, decoder_attention_heads=4,
-                          encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-                          pad_token_id=0, decoder_start_token_id=101)
+        c = T.MBartConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            decoder_start_token_id=101,
+        )
         m = T.MBartForConditionalGeneration(c)
     elif arch == "bert2bert":
         ec = T.BertConfig(

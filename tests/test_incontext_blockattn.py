@@ -19,8 +19,16 @@ from intrinsic_retrieval.retrievers.incontext.blockattn import (
 from intrinsic_retrieval.retrievers.incontext.prefill import prefill_blocks
 
 
-def _inputs(seed: int = 0, b: int = 2, hkv: int = 2, g: int = 3, tq: int = 5, n: int = 4,
-            t: int = 7, d: int = 8):
+def _inputs(
+    seed: int = 0,
+    b: int = 2,
+    hkv: int = 2,
+    g: int = 3,
+    tq: int = 5,
+    n: int = 4,
+    t: int = 7,
+    d: int = 8,
+):
     gen = torch.Generator().manual_seed(seed)
     qg = torch.randn(b, hkv, g, tq, d, generator=gen)
     kb = torch.randn(n, t, hkv, d, generator=gen)
@@ -52,8 +60,10 @@ def test_fully_masked_rows_give_zero_output_and_minus_inf() -> None:
     tq = qg.shape[3]
     # window 1 at positions far past every block: no stored key is visible to any query token
     spec = BatchLogits(0.35, None, None, 1, torch.arange(tq) + 100)
-    for res in (attend_einsum(qg, kb, vb, valid, spec, doc_lse=True),
-                attend_flex(qg, kb, vb, valid, spec, doc_lse=True)):
+    for res in (
+        attend_einsum(qg, kb, vb, valid, spec, doc_lse=True),
+        attend_flex(qg, kb, vb, valid, spec, doc_lse=True),
+    ):
         assert bool(torch.isneginf(res.lse).all())
         assert bool((res.out == 0).all())
         assert res.doc_lse is not None and bool(torch.isneginf(res.doc_lse).all())
@@ -70,9 +80,17 @@ def test_query_pass_agrees_across_backends(arch: str) -> None:
         corpus = CorpusKV([k for k, _ in kv], [v for _, v in kv])
         runs = {
             backend: query_pass(
-                ad, corpus, torch.tensor([[3, 9, 27, 4]]), q_offset=12,
-                num_layers=ad.num_layers, block_docs=3, mass_layers=[0, 1],
-                ssmax=ssmax, route_layer=0, route_top=4, backend=backend,
+                ad,
+                corpus,
+                torch.tensor([[3, 9, 27, 4]]),
+                q_offset=12,
+                num_layers=ad.num_layers,
+                block_docs=3,
+                mass_layers=[0, 1],
+                ssmax=ssmax,
+                route_layer=0,
+                route_top=4,
+                backend=backend,
             )
             for backend in ("einsum", "flex")
         }

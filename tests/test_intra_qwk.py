@@ -134,6 +134,7 @@ def test_decoder_embeddings_match_token_ids(arch: str) -> None:
     mem = torch.randn(1, 5, adapter.memory_dim())
     with torch.no_grad():
         want = model(encoder_outputs=BaseModelOutput(last_hidden_state=mem), decoder_input_ids=ids)
-        got = adapter.forward(mem, torch.ones(1, 5, dtype=torch.long),
-                              adapter.decoder_embeddings()(ids))
+        got = adapter.forward(
+            mem, torch.ones(1, 5, dtype=torch.long), adapter.decoder_embeddings()(ids)
+        )
     torch.testing.assert_close(got, want.logits)

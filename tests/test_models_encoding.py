@@ -33,8 +33,9 @@ def one_by_one(model, tok, text):
 
 def test_input_order_padding_removed_and_equal_to_unbatched(bert):
     model, tok = bert
-    states, ids = encode_texts(model, tok, TEXTS, batch_size=2, show_progress=False,
-                               return_ids=True)
+    states, ids = encode_texts(
+        model, tok, TEXTS, batch_size=2, show_progress=False, return_ids=True
+    )
     assert len(states) == len(TEXTS) == len(ids)
     for text, s, i in zip(TEXTS, states, ids, strict=True):
         expected_ids = tok(text)["input_ids"]
@@ -69,8 +70,9 @@ def test_custom_forward_and_device_none(bert):
         calls.append(tuple(input_ids.shape))
         return torch.ones(*input_ids.shape, 3)
 
-    out = encode_texts(model, tok, TEXTS, batch_size=3, forward=forward, show_progress=False,
-                       device=None)
+    out = encode_texts(
+        model, tok, TEXTS, batch_size=3, forward=forward, show_progress=False, device=None
+    )
     assert len(calls) == 2 and calls[0][0] == 3
     assert [o.shape[1] for o in out] == [3] * len(TEXTS)
     # sorted by length: the first batch holds the longest texts, padded to the longest
@@ -184,5 +186,8 @@ def test_minilm_matches_sentence_transformers_recipe(minilm_path):
     assert ref.shape == (2, 384)
     assert torch.allclose(ours, ref, atol=1e-5)
     assert torch.allclose(ours_pool, ref, atol=1e-5)
-    assert torch.allclose(mean_pool(token_embeddings, enc["attention_mask"]),
-                          torch.sum(token_embeddings * mask, 1) / mask.sum(1), atol=1e-6)
+    assert torch.allclose(
+        mean_pool(token_embeddings, enc["attention_mask"]),
+        torch.sum(token_embeddings * mask, 1) / mask.sum(1),
+        atol=1e-6,
+    )

@@ -28,10 +28,15 @@ def test_resolve_device_and_dtype():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype("cpu", None) == torch.float32
     assert resolve_dtype("cpu", "auto") == torch.float32
-    for name, dt in [("float32", torch.float32), ("fp32", torch.float32),
-                     ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
-                     ("fp16", torch.float16), ("float16", torch.float16),
-                     ("torch.bfloat16", torch.bfloat16)]:
+    for name, dt in [
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("float16", torch.float16),
+        ("torch.bfloat16", torch.bfloat16),
+    ]:
         assert resolve_dtype("cpu", name) == dt
     assert resolve_dtype("cpu", torch.float16) == torch.float16
     with pytest.raises(InvalidInputError):
@@ -64,8 +69,7 @@ def test_load_each_kind(saved, kind):
 
 
 def test_load_with_str_path_and_kwargs(saved):
-    model, _ = load_model(str(saved["causal"]), kind="causal", device="cpu",
-                          local_files_only=True)
+    model, _ = load_model(str(saved["causal"]), kind="causal", device="cpu", local_files_only=True)
     assert type(model).__name__ == "LlamaForCausalLM"
     with pytest.raises(InvalidInputError):
         load_model(saved["causal"], kind="decoder", device="cpu")  # type: ignore[arg-type]

@@ -72,8 +72,9 @@ def test_masks_weights_and_candidates(data):
     w = torch.rand(3, 4, generator=g)
     ref = naive(q, d, qm, dm, cand, w)
     for bs in (None, 2, 5):
-        got = maxsim_scores(q, d, query_mask=qm, doc_mask=dm, candidates=cand, weights=w,
-                            block_size=bs)
+        got = maxsim_scores(
+            q, d, query_mask=qm, doc_mask=dm, candidates=cand, weights=w, block_size=bs
+        )
         assert close(got, ref)
     assert torch.isinf(got[:, 2]).all()
     assert torch.isinf(got[:, ~cand]).all()
@@ -169,11 +170,13 @@ def test_varlen_candidates_masks_and_topk(varlen, block_size):
         cand = torch.zeros(len(docs), dtype=torch.bool)
         cand[cand_rows] = True
         ref = naive(q, docs, qm, None, cand, w.expand(2, 3))
-        got = maxsim_varlen(q, flat, offsets, query_mask=qm, weights=w, candidates=cand,
-                            block_size=block_size)
+        got = maxsim_varlen(
+            q, flat, offsets, query_mask=qm, weights=w, candidates=cand, block_size=block_size
+        )
         assert close(got, ref)
-        s, i = maxsim_varlen_topk(q, flat, offsets, 3, query_mask=qm, weights=w,
-                                  candidates=cand, block_size=block_size)
+        s, i = maxsim_varlen_topk(
+            q, flat, offsets, 3, query_mask=qm, weights=w, candidates=cand, block_size=block_size
+        )
         assert cand[i].all()
         ref_s, ref_i = torch.sort(ref.float(), dim=1, descending=True)
         assert torch.equal(i, ref_i[:, :2] if len(cand_rows) == 2 else ref_i[:, :3])

@@ -1163,9 +1163,7 @@ def test_varlen_all_matches_per_row_views_across_shards(tmp_path):
     rows = [torch.arange(i, 2 * i + 1) for i in range(7)]
     for part in (rows[:3], rows[3:4], rows[4:]):
         start = store.num_rows
-        store.append(
-            [Chunk(f"c{start + j}", "d", "x", {}) for j in range(len(part))], {"t": part}
-        )
+        store.append([Chunk(f"c{start + j}", "d", "x", {}) for j in range(len(part))], {"t": part})
     flat, offsets = store.varlen_all("t")
     assert offsets.tolist()[0] == 0 and offsets.tolist()[-1] == flat.shape[0]
     for i, expected in enumerate(rows):

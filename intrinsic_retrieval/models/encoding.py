@@ -61,18 +61,34 @@ def _length_limit(model: Any, tokenizer: Any, max_length: int | None) -> int | N
 
 @overload
 def encode_texts(
-    model: Any, tokenizer: Any, texts: Sequence[str], *, return_ids: Literal[False] = ...,
-    batch_size: int = ..., max_length: int | None = ..., show_progress: bool = ...,
-    desc: str = ..., forward: ForwardFn | None = ..., add_special_tokens: bool = ...,
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    return_ids: Literal[False] = ...,
+    batch_size: int = ...,
+    max_length: int | None = ...,
+    show_progress: bool = ...,
+    desc: str = ...,
+    forward: ForwardFn | None = ...,
+    add_special_tokens: bool = ...,
     device: str | torch.device | None = ...,
 ) -> list[torch.Tensor]: ...
 
 
 @overload
 def encode_texts(
-    model: Any, tokenizer: Any, texts: Sequence[str], *, return_ids: Literal[True],
-    batch_size: int = ..., max_length: int | None = ..., show_progress: bool = ...,
-    desc: str = ..., forward: ForwardFn | None = ..., add_special_tokens: bool = ...,
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    return_ids: Literal[True],
+    batch_size: int = ...,
+    max_length: int | None = ...,
+    show_progress: bool = ...,
+    desc: str = ...,
+    forward: ForwardFn | None = ...,
+    add_special_tokens: bool = ...,
     device: str | torch.device | None = ...,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
 

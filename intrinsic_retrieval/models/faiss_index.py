@@ -118,9 +118,7 @@ class VectorIndex:
                 "faiss-gpu (extra 'gpu') or pass use_gpu='auto'"
             )
         self.use_gpu = bool(use_gpu) and faiss_gpu_available()
-        self._faiss_metric = (
-            faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-        )
+        self._faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
         self._index: Any = self._new_flat()
         self._nlist: int | None = None  # set when the index is IVF
         self._gpu_res: Any = None
@@ -129,9 +127,7 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(
-        cls, vectors: Any, ids: Any, *, dim: int | None = None, **kwargs: Any
-    ) -> VectorIndex:
+    def build(cls, vectors: Any, ids: Any, *, dim: int | None = None, **kwargs: Any) -> VectorIndex:
         """A fresh index holding `vectors` under `ids` (how retrievers rebuild at load)."""
         if dim is None:
             shape = tuple(vectors.shape)

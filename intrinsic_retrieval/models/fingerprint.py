@@ -124,8 +124,9 @@ def model_fingerprint(model: torch.nn.Module, *, refresh: bool = False) -> str:
     cached = getattr(model, _CACHE_ATTR, None)
     if not refresh and cached is not None and cached[0] == key:
         return cached[1]
-    digest = combine_fingerprints(FINGERPRINT_VERSION, config_fingerprint(model),
-                                  weights_fingerprint(model))
+    digest = combine_fingerprints(
+        FINGERPRINT_VERSION, config_fingerprint(model), weights_fingerprint(model)
+    )
     with contextlib.suppress(AttributeError, TypeError):  # exotic wrappers without __dict__
         object.__setattr__(model, _CACHE_ATTR, (key, digest))
     return digest

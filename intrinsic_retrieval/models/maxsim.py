@@ -89,9 +89,7 @@ def _candidate_rows(candidates: torch.Tensor | None, n: int) -> torch.Tensor | N
     return None
 
 
-def _auto_block(
-    per_row_bytes: int, memory_budget: int | None, n: int, device: torch.device
-) -> int:
+def _auto_block(per_row_bytes: int, memory_budget: int | None, n: int, device: torch.device) -> int:
     if memory_budget is None:
         memory_budget = GPU_MEMORY_BUDGET if device.type == "cuda" else CPU_MEMORY_BUDGET
     return max(1, min(n, memory_budget // max(per_row_bytes, 1))) if n else 1
@@ -224,8 +222,13 @@ def _iter_fixed(
             yield rows, score(block, dmask)
 
 
-def _full(blocks: Iterator[RowsAndScores], Q: int, N: int, device: torch.device,
-          candidates: torch.Tensor | None) -> torch.Tensor:
+def _full(
+    blocks: Iterator[RowsAndScores],
+    Q: int,
+    N: int,
+    device: torch.device,
+    candidates: torch.Tensor | None,
+) -> torch.Tensor:
     out = torch.full((Q, N), float("-inf"), dtype=torch.float32, device=device)
     for rows, scores in blocks:
         out[:, rows.to(device) if isinstance(rows, torch.Tensor) else rows] = scores
@@ -234,8 +237,13 @@ def _full(blocks: Iterator[RowsAndScores], Q: int, N: int, device: torch.device,
     return out
 
 
-def _topk(blocks: Iterator[RowsAndScores], Q: int, k: int, device: torch.device,
-          candidates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(
+    blocks: Iterator[RowsAndScores],
+    Q: int,
+    k: int,
+    device: torch.device,
+    candidates: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if k < 0:
         raise InvalidInputError(f"k must be non-negative, got {k}")
     best_s = torch.empty((Q, 0), dtype=torch.float32, device=device)
@@ -283,9 +291,17 @@ def maxsim_scores(
     queries = _as_queries(queries)
     _check_docs(queries, docs)
     dev = torch.device(device) if device is not None else docs.device
-    blocks = _iter_fixed(queries, docs, query_mask=query_mask, doc_mask=doc_mask,
-                         candidates=candidates, block_size=block_size, weights=weights,
-                         device=dev, memory_budget=memory_budget)
+    blocks = _iter_fixed(
+        queries,
+        docs,
+        query_mask=query_mask,
+        doc_mask=doc_mask,
+        candidates=candidates,
+        block_size=block_size,
+        weights=weights,
+        device=dev,
+        memory_budget=memory_budget,
+    )
     return _full(blocks, queries.shape[0], docs.shape[0], dev, candidates)
 
 
@@ -308,9 +324,17 @@ def maxsim_topk(
     queries = _as_queries(queries)
     _check_docs(queries, docs)
     dev = torch.device(device) if device is not None else docs.device
-    blocks = _iter_fixed(queries, docs, query_mask=query_mask, doc_mask=doc_mask,
-                         candidates=candidates, block_size=block_size, weights=weights,
-                         device=dev, memory_budget=memory_budget)
+    blocks = _iter_fixed(
+        queries,
+        docs,
+        query_mask=query_mask,
+        doc_mask=doc_mask,
+        candidates=candidates,
+        block_size=block_size,
+        weights=weights,
+        device=dev,
+        memory_budget=memory_budget,
+    )
     return _topk(blocks, queries.shape[0], k, dev, candidates)
 
 
@@ -351,9 +375,7 @@ def _iter_varlen(
     scratch = _Scratch(device)
     gather = _candidate_rows(candidates, n)
     if block_size is None:
-        block_size = _auto_block(
-            4 * (d + Q * m), memory_budget, max(1, flat_docs.shape[0]), device
-        )
+        block_size = _auto_block(4 * (d + Q * m), memory_budget, max(1, flat_docs.shape[0]), device)
     if block_size < 1:
         raise InvalidInputError(f"block_size must be positive, got {block_size}")
     lengths = offsets[1:] - offsets[:-1]
@@ -431,8 +453,15 @@ def maxsim_varlen(
     score -inf.
     """
     blocks, Q, N, dev = _varlen_blocks(
-        queries, flat_docs, offsets, device, query_mask=query_mask, candidates=candidates,
-        block_size=block_size, weights=weights, memory_budget=memory_budget,
+        queries,
+        flat_docs,
+        offsets,
+        device,
+        query_mask=query_mask,
+        candidates=candidates,
+        block_size=block_size,
+        weights=weights,
+        memory_budget=memory_budget,
     )
     return _full(blocks, Q, N, dev, candidates)
 
@@ -452,7 +481,14 @@ def maxsim_varlen_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`maxsim_varlen` with a running top-k (see `maxsim_topk`)."""
     blocks, Q, _, dev = _varlen_blocks(
-        queries, flat_docs, offsets, device, query_mask=query_mask, candidates=candidates,
-        block_size=block_size, weights=weights, memory_budget=memory_budget,
+        queries,
+        flat_docs,
+        offsets,
+        device,
+        query_mask=query_mask,
+        candidates=candidates,
+        block_size=block_size,
+        weights=weights,
+        memory_budget=memory_budget,
     )
     return _topk(blocks, Q, k, dev, candidates)

@@ -277,8 +277,14 @@ def query_pass(
             chunk = active[start : start + block_docs]
             kb, vb, valid = corpus.batch(layer, chunk, dev)
             part = attend_batch(
-                backend, qg, kb, vb, valid, spec,
-                doc_lse=layer in mass_set, doc_max=layer == route_layer,
+                backend,
+                qg,
+                kb,
+                vb,
+                valid,
+                spec,
+                doc_lse=layer in mass_set,
+                doc_max=layer == route_layer,
             )
             if part.doc_max is not None:
                 route_parts.append(maxsim_scores(part.doc_max))
