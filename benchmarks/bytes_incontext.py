@@ -84,7 +84,7 @@ def main() -> None:
             if layer is not None:
                 kw["route_layer"] = layer
             r, prefill_s = build(f"{storage}-{layer}-{kv_dtype}", **kw)
-            layers = r.adapter.num_layers
+            layers = r.arch.num_layers
             b = r.bytes_per_document()
             base_kv = base_kv or b["kv"]
             what = (

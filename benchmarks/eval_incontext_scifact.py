@@ -188,7 +188,7 @@ def main() -> None:
                 )
                 print(n_docs, tag + name, m, f"{statistics.median(lat):.2f}s/query", flush=True)
 
-        cfg = icr.adapter
+        cfg = icr.arch
         kv_layers = icr.kv_layers
         bytes_rows += [
             [f"{tag}layers stored / model layers", f"{kv_layers} / {cfg.num_layers}"],

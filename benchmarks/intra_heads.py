@@ -89,11 +89,11 @@ def main() -> None:
             taps = {}
             for q in qids:
                 prefix = r.decoder_prefix(data.queries[q])
-                emb = r.adapter.decoder_embeddings()(prefix[None])
+                emb = r.arch.decoder_embeddings()(prefix[None])
                 tokens = r.head.tokens.to(dtype=emb.dtype)[None]
                 memory, mask, null = r.memory_for([])
                 with torch.no_grad(), QueryTap(r.layers, slice(1, None), null_memory=null) as t:
-                    r.adapter.forward(memory, mask, torch.cat([emb, tokens], 1))
+                    r.arch.forward(memory, mask, torch.cat([emb, tokens], 1))
                 taps[q] = t.folded()  # query tokens then the m retrieval tokens
             for p in (int(x) for x in args.pooled.split(",")):
                 pooled = pool_segments_batch(states, p).float()

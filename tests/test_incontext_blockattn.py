@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_incontext_equivalence import _blocks, tiny
 
-from intrinsic_retrieval.retrievers.incontext.adapters import adapter_for
+from intrinsic_retrieval.models.architectures import decoder_only_for
 from intrinsic_retrieval.retrievers.incontext.attention import CorpusKV, query_pass
 from intrinsic_retrieval.retrievers.incontext.blockattn import (
     BatchLogits,
@@ -72,7 +72,7 @@ def test_fully_masked_rows_give_zero_output_and_minus_inf() -> None:
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_query_pass_agrees_across_backends(arch: str) -> None:
     model = tiny(arch)
-    ad = adapter_for(model)
+    ad = decoder_only_for(model)
     blocks = _blocks(7, seed=5)
     ssmax = [0.4] * ad.num_layers
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from intrinsic_retrieval.retrievers.incontext.adapters import adapter_for
+from intrinsic_retrieval.models.architectures import decoder_only_for
 from intrinsic_retrieval.retrievers.incontext.attention import CorpusKV, quantize_int8, query_pass
 from intrinsic_retrieval.retrievers.incontext.prefill import prefill_blocks, prefill_packed
 
@@ -83,7 +83,7 @@ def _blocks(n: int = 4, seed: int = 1) -> list[list[int]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_block_sparse_prefill_equals_independent_prefill(arch: str) -> None:
     model = tiny(arch)
-    ad = adapter_for(model)
+    ad = decoder_only_for(model)
     blocks = _blocks()
     L = ad.num_layers
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_streaming_query_attention_equals_model_forward(
     arch: str, int8: bool, backend: str
 ) -> None:
     model = tiny(arch)
-    ad = adapter_for(model)
+    ad = decoder_only_for(model)
     blocks = _blocks(5, seed=2)
     query = [5, 17, 33, 2, 8]
     q_offset = 12
@@ -173,7 +173,7 @@ def test_streaming_query_attention_equals_model_forward(
 
 def test_incremental_decoding_matches_full_pass() -> None:
     model = tiny("qwen3")
-    ad = adapter_for(model)
+    ad = decoder_only_for(model)
     blocks = _blocks(4, seed=3)
     with torch.no_grad():
         kv = prefill_blocks(ad, blocks, ad.num_layers)
@@ -197,7 +197,7 @@ def test_incremental_decoding_matches_full_pass() -> None:
 
 def test_routing_keeps_top_documents_and_ssmax_changes_scores() -> None:
     model = tiny("llama")
-    ad = adapter_for(model)
+    ad = decoder_only_for(model)
     blocks = _blocks(6, seed=4)
     with torch.no_grad():
         kv = prefill_blocks(ad, blocks, ad.num_layers)
@@ -240,7 +240,7 @@ def test_routing_keys_storage_equals_full_storage(route_layer: int, kv_dtype: st
     from intrinsic_retrieval.retrievers.incontext.recompute import BlockCache, RecomputedKV
 
     model = tiny("llama")
-    ad = adapter_for(model)
+    ad = decoder_only_for(model)
     blocks = _blocks(6, seed=5)
     L = ad.num_layers
     with torch.no_grad():

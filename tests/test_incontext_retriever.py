@@ -246,8 +246,8 @@ def test_smollm2_gguf_readout_and_prefill_equivalence(smollm2_gguf: Path, tmp_pa
     assert sorted(h.document_id for h in hits) == ["dog", "gene", "vit"]
     blocks = [ids.tolist() for ids in r.store.varlen("ids", range(3))]
     with torch.no_grad():
-        a = prefill_packed(r.adapter, blocks, 8)
-        b = prefill_blocks(r.adapter, blocks, 8)
+        a = prefill_packed(r.arch, blocks, 8)
+        b = prefill_blocks(r.arch, blocks, 8)
     for (ka, va), (kb, vb), stored in zip(a, b, r.store.varlen("k", range(3)), strict=True):
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3)

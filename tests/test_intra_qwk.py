@@ -8,7 +8,7 @@ import torch
 from support_intra import ARCHS, EXTRA_ARCHS, build
 
 from intrinsic_retrieval.errors import UnsupportedArchitectureError
-from intrinsic_retrieval.retrievers.intra.adapters import adapter_for
+from intrinsic_retrieval.models.architectures import encoder_decoder_for
 from intrinsic_retrieval.retrievers.intra.qwk import (
     Folded,
     fold_layer,
@@ -34,7 +34,7 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ARCHS + EXTRA_ARCHS)
 def test_folded_scores_equal_model_cross_attention_logits(arch: str) -> None:
     model = build(arch).double()
-    adapter = adapter_for(model)
+    adapter = encoder_decoder_for(model).tap_attention()
     layers = adapter.layers()
     torch.manual_seed(1)
     ids = torch.randint(1000, 2000, (2, 9))
@@ -84,7 +84,7 @@ def test_folded_scores_equal_model_cross_attention_logits(arch: str) -> None:
 def test_pooled_score_is_weighted_maxsim_of_logits(arch: str) -> None:
     """score_pooled == sum_lh alpha_lh sum_t max_j logit(q_lht, pooled_j), per chunk."""
     model = build(arch)
-    layers = adapter_for(model).layers()
+    layers = encoder_decoder_for(model).tap_attention().layers()
     L, H, m, d = len(layers), layers[0].n_heads, 3, layers[0].weight.shape[1]
     torch.manual_seed(0)
     f = Folded(torch.randn(L, H, m, d), torch.randn(L, H, m))
@@ -119,7 +119,7 @@ def test_unsupported_architecture_names_supported_ones() -> None:
         )
     )
     with pytest.raises(UnsupportedArchitectureError, match="T5ForConditionalGeneration"):
-        adapter_for(model)
+        encoder_decoder_for(model).tap_attention()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -129,7 +129,7 @@ def test_decoder_embeddings_match_token_ids(arch: str) -> None:
     from transformers.modeling_outputs import BaseModelOutput
 
     model = build(arch)
-    adapter = adapter_for(model)
+    adapter = encoder_decoder_for(model).tap_attention()
     ids = torch.randint(1000, 2000, (1, 6))
     mem = torch.randn(1, 5, adapter.memory_dim())
     with torch.no_grad():

@@ -71,7 +71,7 @@ def brute_force(r: IntraRetriever, query: str, k: int) -> tuple[list[int], list[
     scores = {}
     for row in live:
         p = pooled[row]
-        rn = key_rnorm(p, r.layers) if r.adapter.key_norm else None
+        rn = key_rnorm(p, r.layers) if r.arch.key_norm else None
         total = 0.0
         for li, layer in enumerate(r.layers):
             lg = folded_logits(
@@ -119,13 +119,13 @@ def test_null_memory_is_no_cross_attention(models: Path, tmp_path: Path) -> None
     r = make(models, tmp_path, "t5")
     r.add(DOCS)
     prefix = r.decoder_prefix("jazz")
-    emb = torch.cat([r.adapter.decoder_embeddings()(prefix[None]), r.head.tokens[None]], 1)
+    emb = torch.cat([r.arch.decoder_embeddings()(prefix[None]), r.head.tokens[None]], 1)
     zero = torch.zeros((1, 1, r.dim))
     with torch.no_grad():
         with QueryTap(r.layers, slice(-r.m, None), null_memory=True) as t1:
-            r.adapter.forward(zero, torch.zeros((1, 1), dtype=torch.long), emb)
+            r.arch.forward(zero, torch.zeros((1, 1), dtype=torch.long), emb)
         with QueryTap(r.layers, slice(-r.m, None)) as t2:
-            r.adapter.forward(zero, torch.ones((1, 1), dtype=torch.long), emb)
+            r.arch.forward(zero, torch.ones((1, 1), dtype=torch.long), emb)
     torch.testing.assert_close(t1.folded().vectors, t2.folded().vectors)
 
 
@@ -368,7 +368,7 @@ def test_cpu_default_keeps_pooled_vectors_float32(models: Path, tmp_path: Path) 
 
 
 def test_bert2bert_cross_init_copies_self_attention(minilm_path: str) -> None:
-    from intrinsic_retrieval.retrievers.intra.retriever import build_bert2bert
+    from intrinsic_retrieval.models.architectures import build_bert2bert
 
     with pytest.raises(InvalidInputError, match="cross_init"):
         build_bert2bert(minilm_path, cross_init="zeros")

@@ -6,7 +6,7 @@ Import path: ``intrinsic_retrieval.retrievers.generative.GenerativeDocidRetrieve
 from .backbone import Backbone
 from .docids import DocidMap, hierarchical_kmeans
 from .examples import Doc2QueryGenerator, Example, ExtractiveQueryGenerator, QueryGenerator
-from .retriever import GenerativeDocidRetriever, bert2bert
+from .retriever import GenerativeDocidRetriever
 from .train import TrainConfig, TrainReport
 from .trie import DocidTrie, TrieLogitsProcessor
 
@@ -22,6 +22,5 @@ __all__ = [
     "TrainConfig",
     "TrainReport",
     "TrieLogitsProcessor",
-    "bert2bert",
     "hierarchical_kmeans",
 ]

@@ -20,6 +20,8 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList
 
 from ...errors import InvalidInputError, UnsupportedArchitectureError
+from ...models import l2_normalize, mean_pool
+from ...models.architectures import decoder_layers, decoder_start_id, pre_head
 from .trie import DocidTrie, TrieLogitsProcessor
 
 KINDS = ("seq2seq", "causal")
@@ -63,15 +65,8 @@ class Backbone:
             self._sep = list(tokenizer(CAUSAL_SEPARATOR, add_special_tokens=False)["input_ids"])
             self.start_id = None
         else:
-            start = getattr(config, "decoder_start_token_id", None)
-            if start is None:
-                dec = getattr(config, "decoder", None)
-                start = getattr(dec, "decoder_start_token_id", None) or getattr(
-                    dec, "bos_token_id", None
-                )
-                start = start if start is not None else tokenizer.cls_token_id
-                start = start if start is not None else self.pad_id
-                config.decoder_start_token_id = int(start)
+            if getattr(config, "decoder_start_token_id", None) is None:
+                config.decoder_start_token_id = decoder_start_id(config, tokenizer)
             if getattr(config, "pad_token_id", None) is None:
                 config.pad_token_id = self.pad_id
             self.start_id = int(config.decoder_start_token_id)
@@ -246,32 +241,8 @@ class Backbone:
 
     def pre_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """What the model applies between the last residual stream and its output projection
-        (final norm, T5's rescaling, BERT's LM-head transform); identity if none is found."""
-        m, cfg = self.model, self.model.config
-        dec = m.get_decoder() if self.kind == "seq2seq" and hasattr(m, "get_decoder") else None
-        fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        cand = [
-            getattr(dec, "final_layer_norm", None),  # T5
-            getattr(dec, "layer_norm", None),  # BART/mBART
-            getattr(getattr(m, "model", None), "norm", None),  # Llama/Qwen/SmolLM
-            getattr(
-                getattr(getattr(dec, "cls", None), "predictions", None), "transform", None
-            ),  # BERT
-        ]
-        for c in cand:
-            if isinstance(c, nn.Module):
-                fns.append(c)
-                break
-        if getattr(cfg, "scale_decoder_outputs", False) and hasattr(m, "model_dim"):
-            scale = float(m.model_dim) ** -0.5
-            fns.append(lambda h: h * scale)
-
-        def apply(h: torch.Tensor) -> torch.Tensor:
-            for f in fns:
-                h = f(h)
-            return h
-
-        return apply
+        (final norm, T5's rescaling, BERT's LM-head transform)."""
+        return pre_head(self.model)
 
     # ------------------------------------------------------------------ constrained decoding
     @torch.no_grad()
@@ -371,28 +342,14 @@ class Backbone:
                         **batch, output_hidden_states=True, use_cache=False
                     ).hidden_states[-1]
                     mask = batch["attention_mask"]
-                m = mask.unsqueeze(-1).to(h.dtype)
-                v = (h * m).sum(1) / m.sum(1).clamp(min=1)
-                out.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
+                out.append(l2_normalize(mean_pool(h, mask)).cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(out).numpy()
 
     # ------------------------------------------------------------------ freezing
     def decoder_layers(self) -> nn.ModuleList:
-        root = self.model.get_decoder() if self.kind == "seq2seq" else self.model
-        best: nn.ModuleList | None = None
-        best_n = -1
-        for mod in root.modules():  # the layer stack holds more weights than any sub-list
-            if isinstance(mod, nn.ModuleList):
-                n = sum(p.numel() for p in mod.parameters())
-                if n > best_n:
-                    best, best_n = mod, n
-        if best is None:
-            raise UnsupportedArchitectureError(
-                f"no decoder layer list found in {type(self.model).__name__}"
-            )
-        return best
+        return decoder_layers(self.model)
 
     def set_trainable(self, mode: str, late_fraction: float = 1 / 3) -> dict[str, int]:
         """Choose what training updates (the reverse-engineering paper: a pretrained encoder

@@ -28,6 +28,7 @@ from ...errors import (
     NotTrainedError,
     UnknownIdError,
 )
+from ...models.architectures import BERT2BERT_PREFIX, T5GEMMA2_PREFIX, load_encoder_decoder
 from ...store import TensorSpec
 from ...types import Chunk, DocumentLike, as_documents
 from ..base import Ranked, StoreRetriever
@@ -49,28 +50,6 @@ from .train import TrainConfig, TrainReport, train
 from .trie import DocidTrie
 
 LabeledQueries = Mapping[str, Sequence[str] | str] | Sequence[tuple[str, str]]
-
-
-def bert2bert(encoder_path: str, *, device: str | None = None) -> tuple[nn.Module, Any]:
-    """BERT2BERT warm-started from one BERT checkpoint (Rothe et al. 2020): the encoder and the
-    decoder both start from it; decoder cross-attention is new. The best small seq2seq backbone
-    available offline here (all-MiniLM-L6-v2)."""
-    from transformers import EncoderDecoderModel, logging
-
-    from ...models import load_tokenizer
-    from ...models.loading import resolve_device
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # "some weights newly initialized" is the point here
-    try:
-        model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder_path, encoder_path)
-    finally:
-        logging.set_verbosity(verbosity)
-    tok = load_tokenizer(encoder_path)
-    model.config.decoder_start_token_id = tok.cls_token_id
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.eos_token_id = tok.sep_token_id
-    return model.to(resolve_device(device)).eval(), tok
 
 
 class GenerativeDocidRetriever(StoreRetriever):
@@ -184,16 +163,14 @@ class GenerativeDocidRetriever(StoreRetriever):
     def _load_base(
         model: Any, tokenizer: Any, device: str | None, dtype: str | None
     ) -> tuple[nn.Module, Any]:
-        from ...models import default_dense_model_path, load_model
+        from ...models import load_model
 
         if isinstance(model, nn.Module):
             if tokenizer is None:
                 raise InvalidInputError("pass the tokenizer together with a model object")
             return model, tokenizer
-        if model is None:
-            return bert2bert(default_dense_model_path(), device=device)
-        if model.startswith("bert2bert:"):
-            return bert2bert(model.split(":", 1)[1], device=device)
+        if model is None or model.startswith((BERT2BERT_PREFIX, T5GEMMA2_PREFIX)):
+            return load_encoder_decoder(model or BERT2BERT_PREFIX, device=device, dtype=dtype)
         from transformers import AutoConfig
 
         from ...models.loading import _split_gguf

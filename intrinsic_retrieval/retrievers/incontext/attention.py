@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...models.architectures import DecoderOnlyArch
 from ...models.quant import dequantize_int8
 from ...models.quant import quantize_int8 as quantize_int8  # re-exported (moved to models.quant)
-from .adapters import DecoderAdapter
 from .blockattn import BatchLogits, attend_batch, masked_logits, maxsim_scores, resolve_backend
 
 
@@ -179,7 +179,7 @@ def _route(
 
 
 def query_pass(
-    adapter: DecoderAdapter,
+    arch: DecoderOnlyArch,
     corpus: CorpusKV,
     input_ids: torch.Tensor,
     *,
@@ -217,20 +217,20 @@ def query_pass(
     pre_route = route_layer if route_before_attend else None
     if route_before_attend:
         route_layer = None  # the in-loop (after-attention) routing below stays off
-    dev = adapter.device
+    dev = arch.device
     backend = resolve_backend(backend, dev)
     bsz, tq = input_ids.shape
     past = cache.length if cache is not None else 0
     pos = (q_offset + past + torch.arange(tq, device=dev)).expand(bsz, tq)
     active = docs if docs is not None else torch.arange(len(corpus))
-    h = adapter.embed(input_ids.to(dev)) if hidden is None else hidden
+    h = arch.embed(input_ids.to(dev)) if hidden is None else hidden
     result = QueryResult(hidden=h, cache=QueryCache(length=past + tq))
     mass_set = set(mass_layers)
     qi = torch.arange(tq, device=dev)
     for layer in range(start_layer, num_layers):
         if routed is not None and route_layer is not None and layer > route_layer:
             active = routed
-        q, k, v = adapter.qkv(layer, h, pos)
+        q, k, v = arch.qkv(layer, h, pos)
         if cache is not None and cache.keys:
             k = torch.cat([cache.keys[layer - start_layer], k], dim=2)
             v = torch.cat([cache.values[layer - start_layer], v], dim=2)
@@ -240,9 +240,9 @@ def query_pass(
         g = q.shape[1] // hkv
         qg = q.float().reshape(bsz, hkv, g, tq, dim)
         scale, cap, window = (
-            adapter.scaling(layer),
-            adapter.softcap(layer),
-            adapter.sliding_window(layer),
+            arch.scaling(layer),
+            arch.softcap(layer),
+            arch.sliding_window(layer),
         )
         s_l = ssmax[layer] if ssmax is not None and layer < len(ssmax) else None
         if pre_route is not None and layer >= pre_route and active is not routed:
@@ -303,7 +303,7 @@ def query_pass(
             sel = mass if mass_tokens is None else mass[:, :, mass_tokens]
             result.masses[layer] = (active, sel.mean(2))
         attn = out.reshape(bsz, hkv * g, tq, dim).transpose(1, 2).reshape(bsz, tq, -1)
-        h = adapter.finish(layer, h, attn.to(h.dtype))
+        h = arch.finish(layer, h, attn.to(h.dtype))
         if layer == route_layer and route_parts and routed is None:
             routed = _route(result, len(corpus), active, torch.cat(route_parts), route_top)
             active = routed

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .adapters import DecoderAdapter
+from ...models.architectures import DecoderOnlyArch
 
 #: per-document keys and values, ``(T, L, Hkv, D)`` each
 BlockKV = tuple[torch.Tensor, torch.Tensor]
@@ -44,7 +44,7 @@ def masked_attention(
 
 
 def _run_layers(
-    adapter: DecoderAdapter,
+    arch: DecoderOnlyArch,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     mask: torch.Tensor,
@@ -52,26 +52,26 @@ def _run_layers(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keys/values ``(B, Hkv, T, D)`` of layers ``0..num_layers-1`` under `mask`
     (``(B, 1, T, T)`` bool, before sliding windows)."""
-    h = adapter.embed(input_ids)
+    h = arch.embed(input_ids)
     ks, vs = [], []
     for layer in range(num_layers):
-        q, k, v = adapter.qkv(layer, h, positions)
+        q, k, v = arch.qkv(layer, h, positions)
         ks.append(k)
         vs.append(v)
         if layer == num_layers - 1:
             break  # later layers' states are never read
         m = mask
-        w = adapter.sliding_window(layer)
+        w = arch.sliding_window(layer)
         if w is not None:
             dist = positions[:, :, None] - positions[:, None, :]
             m = m & (dist < w)[:, None]
-        out = masked_attention(q, k, v, m, adapter.scaling(layer), adapter.softcap(layer))
-        h = adapter.finish(layer, h, out.transpose(1, 2).reshape(*h.shape[:-1], -1))
+        out = masked_attention(q, k, v, m, arch.scaling(layer), arch.softcap(layer))
+        h = arch.finish(layer, h, out.transpose(1, 2).reshape(*h.shape[:-1], -1))
     return ks, vs
 
 
 def prefill_blocks(
-    adapter: DecoderAdapter,
+    arch: DecoderOnlyArch,
     blocks: Sequence[Sequence[int]],
     num_layers: int,
     *,
@@ -80,7 +80,7 @@ def prefill_blocks(
     """Independent prefill of each block (batched with right padding, sorted by length)."""
     out: list[BlockKV | None] = [None] * len(blocks)
     order = sorted(range(len(blocks)), key=lambda i: len(blocks[i]), reverse=True)
-    dev = adapter.device
+    dev = arch.device
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = len(blocks[idx[0]])
@@ -94,7 +94,7 @@ def prefill_blocks(
         causal = torch.ones((width, width), dtype=torch.bool, device=dev).tril()
         # pad keys are hidden; pad query rows still see their own prefix (no empty rows)
         mask = (causal[None] & valid[:, None, :])[:, None]
-        ks, vs = _run_layers(adapter, ids, pos, mask, num_layers)
+        ks, vs = _run_layers(arch, ids, pos, mask, num_layers)
         k_all = torch.stack(ks, dim=2)  # (B, Hkv, L, T, D)
         v_all = torch.stack(vs, dim=2)
         for j, i in enumerate(idx):
@@ -107,11 +107,11 @@ def prefill_blocks(
 
 
 def prefill_packed(
-    adapter: DecoderAdapter, blocks: Sequence[Sequence[int]], num_layers: int
+    arch: DecoderOnlyArch, blocks: Sequence[Sequence[int]], num_layers: int
 ) -> list[BlockKV]:
     """Prefill of the concatenated corpus with block-sparse (block-diagonal causal) attention
     and positions restarting at 0 per block."""
-    dev = adapter.device
+    dev = arch.device
     lengths = [len(b) for b in blocks]
     ids = torch.tensor([t for b in blocks for t in b], dtype=torch.long, device=dev)[None]
     seg = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(lengths)).to(dev)
@@ -119,7 +119,7 @@ def prefill_packed(
     total = ids.shape[1]
     causal = torch.ones((total, total), dtype=torch.bool, device=dev).tril()
     mask = (causal & (seg[:, None] == seg[None, :]))[None, None]
-    ks, vs = _run_layers(adapter, ids, pos, mask, num_layers)
+    ks, vs = _run_layers(arch, ids, pos, mask, num_layers)
     k_all = torch.stack(ks, dim=2)[0]  # (Hkv, L, T, D)
     v_all = torch.stack(vs, dim=2)[0]
     out: list[BlockKV] = []

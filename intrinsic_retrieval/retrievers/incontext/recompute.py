@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from ...models.architectures import DecoderOnlyArch
 from ...models.quant import quantize_int8
-from .adapters import DecoderAdapter
 from .attention import pad_layer
 from .prefill import prefill_blocks
 
@@ -78,7 +78,7 @@ class RecomputedKV:
     def __init__(
         self,
         stored: Any,
-        adapter: DecoderAdapter,
+        arch: DecoderOnlyArch,
         token_ids: Callable[[list[int]], list[list[int]]],
         *,
         route_layer: int,
@@ -87,7 +87,7 @@ class RecomputedKV:
         cache: BlockCache,
         prefill_batch: int = 8,
     ) -> None:
-        self.stored, self.adapter, self.token_ids = stored, adapter, token_ids
+        self.stored, self.arch, self.token_ids = stored, arch, token_ids
         self.route_layer, self.num_layers = int(route_layer), int(num_layers)
         self.kv_dtype, self.cache, self.prefill_batch = kv_dtype, cache, int(prefill_batch)
         self.lengths = stored.lengths
@@ -99,7 +99,7 @@ class RecomputedKV:
     def _compute(self, rows: list[int]) -> list[Entry]:
         with torch.inference_mode():
             kv = prefill_blocks(
-                self.adapter, self.token_ids(rows), self.num_layers, batch_size=self.prefill_batch
+                self.arch, self.token_ids(rows), self.num_layers, batch_size=self.prefill_batch
             )
         self.recomputed_blocks += len(rows)
         out: list[Entry] = []

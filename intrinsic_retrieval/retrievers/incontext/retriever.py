@@ -17,12 +17,12 @@ import torch
 
 from ...chunking import Spanner, tokenizer_spans
 from ...errors import InvalidInputError
+from ...models.architectures import decoder_only_for
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
 from ...store import TensorSpec
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
-from .adapters import adapter_for
 from .attention import CorpusKV, QueryResult, default_ssmax, pad_layer, query_pass
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
@@ -174,8 +174,8 @@ class InContextRetriever(StoreRetriever):
         self.model, self.tokenizer = load_model(
             str(source), kind="causal", gguf_file=gguf_file, device=device, dtype=dtype
         )
-        self.adapter = adapter_for(self.model)
-        L = self.adapter.num_layers
+        self.arch = decoder_only_for(self.model)
+        L = self.arch.num_layers
         self.kv_layers = L if kv_layers is None else int(kv_layers)
         if not 1 <= self.kv_layers <= L:
             raise InvalidInputError(f"kv_layers must be in [1, {L}], got {kv_layers}")
@@ -229,7 +229,7 @@ class InContextRetriever(StoreRetriever):
         )
 
     def _resolve_ssmax(self, ssmax: Any) -> list[float | None] | None:
-        L = self.adapter.num_layers
+        L = self.arch.num_layers
         if ssmax is None:
             return None
         if isinstance(ssmax, str):
@@ -336,7 +336,7 @@ class InContextRetriever(StoreRetriever):
         return self.kv_layers, self.kv_layers
 
     def _specs(self) -> dict[str, TensorSpec]:
-        ad = self.adapter
+        ad = self.arch
         k_layers, v_layers = self._stored_layers()
         heads = (ad.num_kv_heads, ad.head_dim)
         store_dtype = "int8" if self.kv_dtype == "int8" else self.kv_dtype
@@ -440,7 +440,7 @@ class InContextRetriever(StoreRetriever):
         k_layers, v_layers = self._stored_layers()
         with torch.inference_mode():
             kv = prefill_blocks(
-                self.adapter, [b[0] for b in blocks], k_layers, batch_size=self.prefill_batch
+                self.arch, [b[0] for b in blocks], k_layers, batch_size=self.prefill_batch
             )
         kv = [(k[:, :k_layers], v[:, :v_layers]) for k, v in kv]
         out: dict[str, Any] = {
@@ -485,7 +485,7 @@ class InContextRetriever(StoreRetriever):
             if self.kv_storage == "routing":
                 self._corpus = RecomputedKV(
                     self._corpus,
-                    self.adapter,
+                    self.arch,
                     lambda rows: [t.tolist() for t in self.store.varlen("ids", rows)],
                     route_layer=int(self.route_layer),  # type: ignore[arg-type]
                     num_layers=self.kv_layers,
@@ -538,7 +538,7 @@ class InContextRetriever(StoreRetriever):
         self, ids: torch.Tensor, docs: torch.Tensor, num_layers: int, **kw: Any
     ) -> QueryResult:
         return query_pass(
-            self.adapter,
+            self.arch,
             self.corpus(),
             ids,
             q_offset=self.max_doc_tokens,
@@ -631,10 +631,10 @@ class InContextRetriever(StoreRetriever):
 
     def _code_rank(self, query: str, docs: torch.Tensor, k: int) -> Ranked:
         ids, _ = self._query_ids(query)
-        L = self.adapter.num_layers
+        L = self.arch.num_layers
         res = self._pass(ids, docs, L, route_layer=self.route_layer, route_top=self.route_top)
         first = torch.log_softmax(
-            self.adapter.logits(self.adapter.final_norm(res.hidden[:, -1])).float(), -1
+            self.arch.logits(self.arch.final_norm(res.hidden[:, -1])).float(), -1
         )[0]
         codes = self.store.fixed("code")[docs].tolist()
         by_code = {
@@ -644,7 +644,7 @@ class InContextRetriever(StoreRetriever):
         state = {"cache": res.cache}
 
         def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-            cache = state["cache"].select(parents.to(self.adapter.device))
+            cache = state["cache"].select(parents.to(self.arch.device))
             out = self._pass(
                 tokens[:, None],
                 docs,
@@ -654,7 +654,7 @@ class InContextRetriever(StoreRetriever):
                 routed=res.routed,
             )
             state["cache"] = out.cache
-            logits = self.adapter.logits(self.adapter.final_norm(out.hidden[:, -1]))
+            logits = self.arch.logits(self.arch.final_norm(out.hidden[:, -1]))
             return torch.log_softmax(logits.float(), -1)
 
         width = min(len(by_code), max(self.num_beams, k))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import InvalidInputError, UnknownIdError
+from ...models.architectures import decoder_only_for
 from ...models.fingerprint import model_fingerprint
 from ...types import Document
 from .attention import CorpusKV, query_pass
@@ -124,9 +125,7 @@ def fit_codes(
         model.eval()
     if peft_model is not None:
         r.model = peft_model.merge_and_unload()
-        from .adapters import adapter_for
-
-        r.adapter = adapter_for(r.model)
+        r.arch = decoder_only_for(r.model)
     for p in r.model.parameters():
         p.requires_grad_(False)
     # peft merges through `.data`, which the fingerprint cache cannot see: recompute it
@@ -154,26 +153,26 @@ def _loss_with_order(
         raise InvalidInputError(f"in-batch corpus of {len(texts)} exceeds {space} codes")
     codes = rng.sample(range(space), len(texts))
     blocks = [b[0] for b in r.encode_blocks(codes, texts)]
-    kv = prefill_blocks(r.adapter, blocks, r.adapter.num_layers, batch_size=len(blocks))
+    kv = prefill_blocks(r.arch, blocks, r.arch.num_layers, batch_size=len(blocks))
     corpus = CorpusKV([k for k, _ in kv], [v for _, v in kv])
     losses = []
     for q, slot in zip(queries, order, strict=True):
         prompt, _, _, _ = r.format.query(q, r.max_query_tokens)
         target = r.format.code_digit_ids(codes[slot])
-        ids = torch.tensor([prompt + target[:-1]], device=r.adapter.device)
+        ids = torch.tensor([prompt + target[:-1]], device=r.arch.device)
         res = query_pass(
-            r.adapter,
+            r.arch,
             corpus,
             ids,
             q_offset=r.max_doc_tokens,
-            num_layers=r.adapter.num_layers,
+            num_layers=r.arch.num_layers,
             block_docs=r.block_docs,
             backend=r.attention_backend,
             ssmax=r.ssmax,
             ssmax_count=r.ssmax_count,
         )
         hidden = res.hidden[0, len(prompt) - 1 :]
-        logits = r.adapter.logits(r.adapter.final_norm(hidden)).float()
+        logits = r.arch.logits(r.arch.final_norm(hidden)).float()
         losses.append(
             torch.nn.functional.cross_entropy(logits, torch.tensor(target, device=logits.device))
         )

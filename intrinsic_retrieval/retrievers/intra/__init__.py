@@ -1,7 +1,6 @@
 """INTRA: retrieval from within an encoder-decoder (Reverse-QWK, retrieval tokens, generation
 from stored encoder states)."""
 
-from .adapters import adapter_for, supported_architectures
 from .head import RetrievalHead
 from .retriever import BERT2BERT_MODEL, DEFAULT_MODEL, IntraRetriever, default_model
 
@@ -10,7 +9,5 @@ __all__ = [
     "DEFAULT_MODEL",
     "IntraRetriever",
     "RetrievalHead",
-    "adapter_for",
     "default_model",
-    "supported_architectures",
 ]

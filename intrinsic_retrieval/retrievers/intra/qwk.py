@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import CrossLayer
+from ...models.architectures import CrossLayer
 
 
 @dataclass
@@ -184,7 +184,7 @@ class QueryTap:
             if not self.null_memory:
                 return None
             if layer.merged:  # drop the dummy cross key (last column)
-                from .adapters import _module_eager
+                from ...models.architectures.encoder_decoder import _module_eager
 
                 mask = None if mask is None else mask[..., :-1]
                 return _module_eager(module)(

@@ -30,30 +30,35 @@ from ...errors import InvalidInputError, NotTrainedError
 from ...models import (
     VectorIndex,
     combine_fingerprints,
-    default_dense_model_path,
     encode_texts,
-    load_model,
     maxsim_topk,
     model_fingerprint,
     pool_segments_batch,
     tokenizer_fingerprint,
 )
+from ...models.architectures import (
+    BERT2BERT_PREFIX,
+    CROSS_INITS,
+    DEFAULT_BERT2BERT_ENCODER,
+    T5GEMMA2_PREFIX,
+    EncoderDecoderArch,
+    encoder_decoder_for,
+    load_encoder_decoder,
+)
 from ...models.quant import dequantize_int8, quantize_int8
 from ...store import TensorSpec
 from ...types import Chunk
 from ..base import Ranked, StoreRetriever
-from .adapters import EncDecAdapter, adapter_for
 from .head import AUX_NAME, RetrievalHead
 from .qwk import Folded, QueryTap, key_rnorm, topk_pooled
 
 #: `model=None` builds this when Gemma 3 270M is fetched (`make models`): a T5Gemma2 whose both
 #: stacks are Gemma 3, with label-free memory adapters (see `models.t5gemma2`)
-DEFAULT_MODEL = "t5gemma2:gemma-3-270m"
+DEFAULT_MODEL = f"{T5GEMMA2_PREFIX}gemma-3-270m"
 #: the fallback without Gemma 3: BERT2BERT warm-started from all-MiniLM-L6-v2 (encoder and decoder
 #: weights from the checkpoint; cross-attention freshly initialised with `seed`). Its decoder pass
 #: ranks at chance (random cross-attention); it remains for offline tests and small installs.
-BERT2BERT_MODEL = "bert2bert:all-MiniLM-L6-v2"
-T5GEMMA2_PREFIX = "t5gemma2:"
+BERT2BERT_MODEL = f"{BERT2BERT_PREFIX}{DEFAULT_BERT2BERT_ENCODER}"
 
 
 def default_model() -> str:
@@ -69,47 +74,9 @@ STORE_DTYPES = ("float16", "bfloat16", "float32", "int8")
 POOLED_DTYPES = ("float16", "bfloat16", "float32")
 
 
-CROSS_INITS = ("random", "self")
 #: decoder positions whose cross-attention queries score chunks: the m retrieval tokens alone
 #: (the paper's Eq. 3), or the query's own tokens as well (ColBERT-style query MaxSim)
 QUERY_POSITIONS = ("retrieval", "query+retrieval")
-
-
-def build_bert2bert(path: str, seed: int = 0, cross_init: str = "random") -> torch.nn.Module:
-    """`EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)` with a seeded, hence
-    reproducible (same fingerprint every run), initialisation of the new cross-attention.
-
-    `cross_init="self"` copies each decoder layer's pretrained self-attention (query, key, value,
-    output projection and norm) into its cross-attention. INTRA scores chunks with the
-    cross-attention's W_K^T W_Q bilinear form; a random one is uncorrelated with relevance, and
-    training only the retrieval tokens and alpha cannot change it. The copy gives it the
-    pretrained matching form instead."""
-    if cross_init not in CROSS_INITS:
-        raise InvalidInputError(f"cross_init must be one of {CROSS_INITS}, got {cross_init!r}")
-    from transformers import AutoTokenizer, EncoderDecoderModel
-    from transformers.utils import logging as hf_logging
-
-    tok = AutoTokenizer.from_pretrained(path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if cross_init == "self":
-        with torch.no_grad():
-            for layer in model.decoder.bert.encoder.layer:
-                src, dst = layer.attention, layer.crossattention
-                dst.load_state_dict(src.state_dict())
-    model.config.decoder_start_token_id = tok.cls_token_id
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.eos_token_id = tok.sep_token_id
-    model.generation_config.decoder_start_token_id = tok.cls_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.sep_token_id
-    return model.eval()
 
 
 class IntraRetriever(StoreRetriever):
@@ -208,10 +175,10 @@ class IntraRetriever(StoreRetriever):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.device = next(self.model.parameters()).device
-        self.adapter: EncDecAdapter = adapter_for(self.model)
-        self.layers = self.adapter.layers()
+        self.arch: EncoderDecoderArch = encoder_decoder_for(self.model).tap_attention()
+        self.layers = self.arch.layers()
         self.n_layers, self.n_heads = len(self.layers), self.layers[0].n_heads
-        self.dim = self.adapter.memory_dim()
+        self.dim = self.arch.memory_dim()
         self.m, self.p, self.k0, self.mode = retrieval_tokens, pooled, k0, mode
         self.store_dtype = store_dtype
         self.batch_size = int(batch_size)
@@ -233,9 +200,7 @@ class IntraRetriever(StoreRetriever):
         self.head_path = head
         limits = [getattr(self.tokenizer, "model_max_length", None)]
         limits.append(
-            getattr(
-                getattr(self.adapter.encoder(), "config", None), "max_position_embeddings", None
-            )
+            getattr(getattr(self.arch.encoder(), "config", None), "max_position_embeddings", None)
         )
         valid = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
         limit = min(valid or [512])
@@ -268,25 +233,15 @@ class IntraRetriever(StoreRetriever):
         encoder_attention: str,
         memory_adapter: str,
     ):
-        from ...models import load_tokenizer, resolve_device, resolve_dtype
-
-        if isinstance(model, str) and model.startswith(T5GEMMA2_PREFIX):
-            from ...models.t5gemma2 import load_from_gemma3
-
-            return load_from_gemma3(
-                model.removeprefix(T5GEMMA2_PREFIX),
-                encoder=encoder_attention,
-                adapter=memory_adapter,
-                device=device,
-                dtype=dtype,
-            )
-        if model is None or model == BERT2BERT_MODEL:
-            path = default_dense_model_path()
-            dev = resolve_device(device)
-            net = build_bert2bert(path, seed, cross_init)
-            net = net.to(device=dev, dtype=resolve_dtype(dev, dtype))
-            return net, load_tokenizer(path)
-        return load_model(model, kind="seq2seq", device=device, dtype=dtype)
+        return load_encoder_decoder(
+            model,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            cross_init=cross_init,
+            encoder_attention=encoder_attention,
+            memory_adapter=memory_adapter,
+        )
 
     # ------------------------------------------------------------------ store hooks
     def _spanner(self) -> Spanner:
@@ -299,14 +254,14 @@ class IntraRetriever(StoreRetriever):
         }
         if self.store_dtype == "int8":
             specs["states_scale"] = TensorSpec("varlen", "float16", (1,))
-        if self.adapter.key_norm:
+        if self.arch.key_norm:
             g = self.layers[0].n_kv_heads
             specs["rnorm"] = TensorSpec("fixed", "float32", (self.p, self.n_layers, g))
         return specs
 
     def _fingerprint(self) -> str:
         recipe = (
-            f"intra-v{_RECIPE_VERSION}|{self.adapter.arch}|p={self.p}|dtype={self.store_dtype}"
+            f"intra-v{_RECIPE_VERSION}|{self.arch.arch}|p={self.p}|dtype={self.store_dtype}"
             f"|max_length={self.max_length}"
         )
         if self.pooled_dtype != self.store_dtype:
@@ -354,7 +309,7 @@ class IntraRetriever(StoreRetriever):
             max_length=self.max_length,
             show_progress=show_progress,
             desc="encoding (intra)",
-            forward=lambda _m, ids, mask: self.adapter.encode(ids, mask),
+            forward=lambda _m, ids, mask: self.arch.encode(ids, mask),
         )
 
     def _encode_chunks(self, chunks: Sequence[Chunk]) -> dict[str, Any]:
@@ -365,7 +320,7 @@ class IntraRetriever(StoreRetriever):
             codes = [quantize_int8(s) for s in states]
             out["states"] = [q for q, _ in codes]
             out["states_scale"] = [sc[:, None] for _, sc in codes]
-        if self.adapter.key_norm:
+        if self.arch.key_norm:
             # from the vectors as stored (rounded to the store dtype), so scores are exact for them
             stored = pooled.to(TensorSpec("fixed", self.pooled_dtype, ()).torch_dtype).float()
             out["rnorm"] = key_rnorm(stored, self.layers)
@@ -400,7 +355,7 @@ class IntraRetriever(StoreRetriever):
 
     def _initial_head(self) -> RetrievalHead:
         head = RetrievalHead.initial(
-            self.adapter.decoder_embeddings(),
+            self.arch.decoder_embeddings(),
             self.tokenizer,
             self.m,
             self.n_layers,
@@ -415,14 +370,14 @@ class IntraRetriever(StoreRetriever):
             "model": model_fingerprint(self.model),
             "recipe": self._fingerprint(),
             "store": self._store_id(),
-            "arch": self.adapter.arch,
+            "arch": self.arch.arch,
         }
 
     def query_projs(self) -> list[torch.nn.Module]:
         """Each decoder layer's cross-attention query projection (what a query LoRA updates)."""
         projs = [layer.query_proj for layer in self.layers]
         if any(p is None for p in projs):  # pragma: no cover - every adapter sets it
-            raise InvalidInputError(f"{self.adapter.arch} exposes no query projections")
+            raise InvalidInputError(f"{self.arch.arch} exposes no query projections")
         return projs  # type: ignore[return-value]
 
     def _install_head(self, head: RetrievalHead, where: object) -> None:
@@ -433,7 +388,7 @@ class IntraRetriever(StoreRetriever):
             store=self._store_id(),
             where=where,
             shape=(self.n_layers, self.n_heads),
-            dim=int(self.adapter.decoder_embeddings().weight.shape[1]),
+            dim=int(self.arch.decoder_embeddings().weight.shape[1]),
         )
         self.head = head
         self.m = head.m
@@ -498,9 +453,9 @@ class IntraRetriever(StoreRetriever):
     def decoder_prefix(self, query: str) -> torch.Tensor:
         """Decoder input ids ``[start, query tokens]`` truncated to leave room for m tokens."""
         ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
-        limit = self.adapter.decoder_max_positions()
+        limit = self.arch.decoder_max_positions()
         room = (limit if limit is not None else self.max_length) - 1 - self.m
-        start = self.adapter.decoder_start_id(self.tokenizer)
+        start = self.arch.decoder_start_id(self.tokenizer)
         return torch.tensor([start, *ids[: max(room, 0)]], dtype=torch.long)
 
     def memory_for(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -563,7 +518,7 @@ class IntraRetriever(StoreRetriever):
         head = head or self.head
         assert head is not None
         prefix = self.decoder_prefix(query).to(self.device)
-        emb = self.adapter.decoder_embeddings()(prefix[None])
+        emb = self.arch.decoder_embeddings()(prefix[None])
         tokens = head.tokens.to(device=self.device, dtype=emb.dtype)[None]
         inputs = torch.cat([emb, tokens], 1)
         memory, mask, null = self.memory_for(c0_rows)
@@ -572,7 +527,7 @@ class IntraRetriever(StoreRetriever):
             head.query_lora(self.query_projs()),
             QueryTap(self.layers, positions, null_memory=null) as tap,
         ):
-            self.adapter.forward(memory, mask, inputs)
+            self.arch.forward(memory, mask, inputs)
         return tap.folded()
 
     # ------------------------------------------------------------------ ANN candidates

@@ -1,7 +1,7 @@
-"""Per-architecture access to a decoder-only LM, layer by layer.
+"""Decoder-only architectures, layer by layer, looked up by ``config.model_type``.
 
 In-context retrieval needs to run the model's layers with *its own* attention (block-sparse
-prefill, streaming attention over stored blocks), so an adapter exposes the pieces around
+prefill, streaming attention over stored blocks), so an architecture exposes the pieces around
 attention — embedding, pre-attention norm, q/k/v projections with q/k norms and RoPE, and the
 post-attention part of a layer (output projection, residuals, MLP) — while reusing the model's
 own modules so numerics match the Hugging Face forward pass exactly.
@@ -21,7 +21,7 @@ from torch import nn
 from ...errors import UnsupportedArchitectureError
 
 
-class DecoderAdapter:
+class DecoderOnlyArch:
     """Llama-family decoder layer: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -41,6 +41,10 @@ class DecoderAdapter:
         self.num_kv_heads = int(attn.k_proj.out_features // self.head_dim)
         self.groups = self.num_heads // self.num_kv_heads
         self.hidden_size = int(self.config.hidden_size)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The layer stack (what training freezes or unfreezes by depth)."""
+        return self.body.layers
 
     # ------------------------------------------------------------------ per-layer facts
     def scaling(self, layer: int) -> float:
@@ -97,8 +101,10 @@ class DecoderAdapter:
         h = h + blk.self_attn.o_proj(attn_out)
         return h + blk.mlp(blk.post_attention_layernorm(h))
 
-    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.body.norm(h)
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm before the LM head (a module: ``arch.final_norm(h)`` applies it)."""
+        return self.body.norm
 
     def logits(self, h_normed: torch.Tensor) -> torch.Tensor:
         out = self.model.get_output_embeddings()(h_normed)
@@ -108,7 +114,7 @@ class DecoderAdapter:
         return out
 
 
-class Gemma3Adapter(DecoderAdapter):
+class Gemma3Arch(DecoderOnlyArch):
     """Gemma3: sandwich norms around attention and MLP, RoPE chosen by layer type."""
 
     def rope(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[Any, Any]:
@@ -125,23 +131,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-ADAPTERS: dict[str, type[DecoderAdapter]] = {
-    "llama": DecoderAdapter,
-    "mistral": DecoderAdapter,
-    "qwen2": DecoderAdapter,
-    "qwen3": DecoderAdapter,
-    "gemma3_text": Gemma3Adapter,
+ARCHITECTURES: dict[str, type[DecoderOnlyArch]] = {
+    "llama": DecoderOnlyArch,
+    "mistral": DecoderOnlyArch,
+    "qwen2": DecoderOnlyArch,
+    "qwen3": DecoderOnlyArch,
+    "gemma3_text": Gemma3Arch,
 }
 
 
-def adapter_for(model: nn.Module) -> DecoderAdapter:
-    """The adapter for a causal LM, or `UnsupportedArchitectureError` naming what is supported."""
+def decoder_only_for(model: nn.Module) -> DecoderOnlyArch:
+    """The architecture of a causal LM, or `UnsupportedArchitectureError` naming the supported."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    cls = ADAPTERS.get(str(model_type))
+    cls = ARCHITECTURES.get(str(model_type))
     if cls is None:
         raise UnsupportedArchitectureError(
-            f"in-context retrieval has no adapter for model_type {model_type!r}; supported: "
-            f"{', '.join(sorted(ADAPTERS))}"
+            f"no decoder-only architecture for model_type {model_type!r}; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}"
         )
     if model.get_output_embeddings() is None:
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no LM head")

@@ -1,6 +1,7 @@
-"""Per-architecture adapters: where an encoder-decoder keeps what INTRA needs.
+"""Encoder-decoder architectures: where each keeps its layers, norms and cross-attention.
 
-Every supported model is driven through the same three things:
+Looked up by ``config.model_type`` (`encoder_decoder_for`). Every supported model is driven
+through the same three things:
 
 * `encode`: the single encoder representation that every decoder layer's cross-attention keys
   are computed from (the encoder's final, normalised output; for `EncoderDecoderModel` the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -100,18 +101,28 @@ class CrossLayer:
     query_proj: nn.Module | None = None  # the cross-attention's query projection (query LoRA)
 
 
-# ---------------------------------------------------------------------- adapters
-class EncDecAdapter:
-    """Base adapter; subclasses fill in the architecture specifics."""
+# ---------------------------------------------------------------------- architectures
+class EncoderDecoderArch:
+    """What every encoder-decoder exposes; subclasses fill in the architecture specifics."""
 
+    #: short name, part of INTRA's store fingerprint (never rename one)
     arch: ClassVar[str] = ""
+    #: ``config.model_type`` values served by this class
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: model classes with an LM head, named in error messages
     model_classes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        register_attention()
-        model.set_attn_implementation(ATTN_IMPL)
         self._layers: list[CrossLayer] | None = None
+
+    def tap_attention(self) -> Self:
+        """Run the model with the ``"intra"`` attention implementation (eager attention plus
+        per-module hooks), which INTRA needs to read cross-attention queries; nothing else
+        changes in the model's outputs."""
+        register_attention()
+        self.model.set_attn_implementation(ATTN_IMPL)
+        return self
 
     # --- encoder side
     def encoder(self) -> nn.Module:
@@ -126,19 +137,23 @@ class EncDecAdapter:
         return int(self.layers()[0].weight.shape[1])
 
     # --- decoder side
+    def decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's layer stack (what training freezes or unfreezes by depth)."""
+        return self.decoder().layers
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The norm between the decoder's last layer and the LM head (None if it has none)."""
+        return getattr(self.decoder(), "norm", None)
+
     def decoder_embeddings(self) -> nn.Module:
         return self.model.get_decoder().get_input_embeddings()
 
     def decoder_start_id(self, tokenizer: Any) -> int:
-        cfg = self.model.config
-        start = getattr(cfg, "decoder_start_token_id", None)
-        if start is None:
-            start = getattr(tokenizer, "cls_token_id", None) or getattr(
-                tokenizer, "bos_token_id", None
-            )
-        if start is None:
-            start = getattr(cfg, "pad_token_id", None) or 0
-        return int(start)
+        return decoder_start_id(self.model.config, tokenizer)
 
     def decoder_max_positions(self) -> int | None:
         return None
@@ -177,10 +192,11 @@ def _linear(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return m.weight.detach(), None if m.bias is None else m.bias.detach()
 
 
-class T5Adapter(EncDecAdapter):
+class T5Arch(EncoderDecoderArch):
     """T5 family: no 1/sqrt(d) scaling, no biases, keys from the final encoder layer norm."""
 
     arch = "t5"
+    model_types = ("t5", "mt5", "umt5")
     model_classes = (
         "T5ForConditionalGeneration",
         "MT5ForConditionalGeneration",
@@ -189,6 +205,13 @@ class T5Adapter(EncDecAdapter):
 
     def decoder_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.decoder.block
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return self.model.decoder.final_layer_norm
 
     def _build_layers(self) -> list[CrossLayer]:
         out = []
@@ -210,11 +233,16 @@ class T5Adapter(EncDecAdapter):
         return out
 
 
-class BartAdapter(EncDecAdapter):
+class BartArch(EncoderDecoderArch):
     """BART / mBART: biased projections, query scaled by 1/sqrt(head_dim)."""
 
     arch = "bart"
+    model_types = ("bart", "mbart")
     model_classes = ("BartForConditionalGeneration", "MBartForConditionalGeneration")
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return getattr(self.decoder(), "layer_norm", None)  # mBART has one, BART none
 
     def decoder_max_positions(self) -> int | None:
         return int(self.model.config.max_position_embeddings)
@@ -239,10 +267,11 @@ class BartAdapter(EncDecAdapter):
         return out
 
 
-class T5GemmaAdapter(EncDecAdapter):
+class T5GemmaArch(EncoderDecoderArch):
     """T5Gemma: a separate cross-attention per layer, GQA, optional logit soft-capping."""
 
     arch = "t5gemma"
+    model_types = ("t5gemma",)
     model_classes = ("T5GemmaForConditionalGeneration",)
 
     def _build_layers(self) -> list[CrossLayer]:
@@ -268,7 +297,7 @@ class T5GemmaAdapter(EncDecAdapter):
         return out
 
 
-class T5Gemma2Adapter(EncDecAdapter):
+class T5Gemma2Arch(EncoderDecoderArch):
     """T5Gemma2: merged self+cross attention; cross keys are ``k_norm(k_proj(E))`` with a
     per-head RMSNorm whose learned scale (1 + w) moves to the query side (Reverse-QWK); the
     per-token RMS factor is the only part that stays on the memory side. A model built from
@@ -276,6 +305,7 @@ class T5Gemma2Adapter(EncDecAdapter):
     per decoder layer, folded into W_K here."""
 
     arch = "t5gemma2"
+    model_types = ("t5gemma2",)
     model_classes = ("T5Gemma2ForConditionalGeneration",)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -315,12 +345,30 @@ class T5Gemma2Adapter(EncDecAdapter):
         return out
 
 
-class EncoderDecoderAdapter(EncDecAdapter):
+class Bert2BertArch(EncoderDecoderArch):
     """`EncoderDecoderModel` with a BERT-style decoder (BERT2BERT, RoBERTa2RoBERTa, ...).
     ``enc_to_dec_proj`` (present when hidden sizes differ) is folded into every W_K."""
 
     arch = "encoder-decoder"
+    model_types = ("encoder-decoder",)
     model_classes = ("EncoderDecoderModel",)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        base = getattr(self.model.decoder, "base_model", self.model.decoder)
+        layers = getattr(getattr(base, "encoder", None), "layer", None)
+        if layers is None or not hasattr(layers[0], "crossattention"):
+            raise UnsupportedArchitectureError(
+                f"EncoderDecoderModel decoder {type(self.model.decoder).__name__} has no "
+                "BERT-style `crossattention` layers; supported decoders are BERT-like "
+                "(add_cross_attention=True)"
+            )
+        return layers
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """BERT's LM-head transform (dense + activation + LayerNorm) precedes its decoder."""
+        cls = getattr(self.model.decoder, "cls", None)
+        return getattr(getattr(cls, "predictions", None), "transform", None)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask)
@@ -333,15 +381,7 @@ class EncoderDecoderAdapter(EncDecAdapter):
         return int(getattr(self.model.decoder.config, "max_position_embeddings", 512))
 
     def _build_layers(self) -> list[CrossLayer]:
-        dec = self.model.decoder
-        base = getattr(dec, "base_model", dec)
-        layers = getattr(getattr(base, "encoder", None), "layer", None)
-        if layers is None or not hasattr(layers[0], "crossattention"):
-            raise UnsupportedArchitectureError(
-                f"EncoderDecoderModel decoder {type(dec).__name__} has no BERT-style "
-                "`crossattention` layers; supported decoders are BERT-like "
-                "(add_cross_attention=True)"
-            )
+        layers = self.decoder_layers()
         proj = getattr(self.model, "enc_to_dec_proj", None)
         out = []
         for layer in layers:
@@ -368,26 +408,49 @@ class EncoderDecoderAdapter(EncDecAdapter):
         return out
 
 
-ADAPTERS: tuple[type[EncDecAdapter], ...] = (
-    T5Adapter,
-    BartAdapter,
-    T5GemmaAdapter,
-    T5Gemma2Adapter,
-    EncoderDecoderAdapter,
+ARCHITECTURES: tuple[type[EncoderDecoderArch], ...] = (
+    T5Arch,
+    BartArch,
+    T5GemmaArch,
+    T5Gemma2Arch,
+    Bert2BertArch,
 )
+_BY_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
 
 
-def supported_architectures() -> list[str]:
-    return [c for a in ADAPTERS for c in a.model_classes]
+def supported_encoder_decoders() -> list[str]:
+    return [c for a in ARCHITECTURES for c in a.model_classes]
 
 
-def adapter_for(model: nn.Module) -> EncDecAdapter:
-    """The adapter for `model`'s class; `UnsupportedArchitectureError` names the supported ones."""
-    name = type(model).__name__
-    for cls in ADAPTERS:
-        if name in cls.model_classes:
-            return cls(model)
-    raise UnsupportedArchitectureError(
-        f"INTRA needs an encoder-decoder with cross-attention; {name} is not supported. "
-        f"Supported: {', '.join(supported_architectures())}"
-    )
+def decoder_start_id(config: Any, tokenizer: Any = None) -> int:
+    """The token a decoder starts from: the config's, else the decoder config's (BERT2BERT),
+    else the tokenizer's CLS or BOS, else padding, else 0."""
+    dec = getattr(config, "decoder", None)
+    for start in (
+        getattr(config, "decoder_start_token_id", None),
+        getattr(dec, "decoder_start_token_id", None),
+        getattr(dec, "bos_token_id", None),
+        getattr(tokenizer, "cls_token_id", None),
+        getattr(tokenizer, "bos_token_id", None),
+        getattr(config, "pad_token_id", None),
+    ):
+        if start is not None:
+            return int(start)
+    return 0
+
+
+def encoder_decoder_for(model: nn.Module) -> EncoderDecoderArch:
+    """The architecture of an encoder-decoder with an LM head, by ``config.model_type``;
+    `UnsupportedArchitectureError` names the supported ones."""
+    cfg = getattr(model, "config", None)
+    cls = _BY_TYPE.get(str(getattr(cfg, "model_type", None)))
+    if (
+        cls is None
+        or not getattr(cfg, "is_encoder_decoder", False)
+        or model.get_output_embeddings() is None
+    ):
+        raise UnsupportedArchitectureError(
+            f"INTRA needs an encoder-decoder with cross-attention; {type(model).__name__} is not "
+            f"supported. Supported: {', '.join(supported_encoder_decoders())}"
+        )
+    return cls(model)
