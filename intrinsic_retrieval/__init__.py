@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from .retrievers.incontext import InContextRetriever
     from .retrievers.intra import IntraRetriever
     from .store import EncodedChunkStore, TensorSpec
+    from .training import FitConfig, FitReport
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,8 @@ _LAZY = {
     "InContextRetriever": ".retrievers.incontext",
     "GenerativeDocidRetriever": ".retrievers.generative",
     "StoreRetriever": ".retrievers.base",
+    "FitConfig": ".training",
+    "FitReport": ".training",
     "EncodedChunkStore": ".store",
     "TensorSpec": ".store",
     "Chunker": ".chunking",
@@ -85,6 +88,8 @@ __all__ = [
     "EmptyQueryError",
     "EncodedChunkStore",
     "Filter",
+    "FitConfig",
+    "FitReport",
     "GenerativeDocidRetriever",
     "Hit",
     "IdCollisionError",

@@ -208,14 +208,14 @@ def test_fit_to_emit_codes_lowers_loss_and_rebuilds_index(
     stats = r.fit(
         queries,
         ["a", "b", "c", "d"],
-        steps=15,
-        batch_queries=4,
+        epochs=15,
+        batch_size=4,
         corpus_size=4,
         lr=3e-3 if not lora else 1e-2,
         lora=lora,
         save_model_to=str(tmp_path / "tuned"),
     )
-    losses = stats["losses"]
+    losses = stats.losses
     assert len(losses) == 15
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert len(r) == 4  # index rebuilt with the tuned weights

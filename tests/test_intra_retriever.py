@@ -262,8 +262,8 @@ def test_fit_lowers_loss_and_persists(models: Path, tmp_path: Path) -> None:
     r.add(DOCS)
     qs, pos = _train_data()
     out = r.fit(qs, pos, epochs=6, batch_size=5, lr=3e-2)
-    losses = out["losses"]
-    assert out["steps"] == 12 and r.trained
+    losses = out.losses
+    assert out.steps == 12 and r.trained
     assert sum(losses[-2:]) < sum(losses[:2])
     alpha = r.head.alpha.detach().clone()
     path = r.path
@@ -291,10 +291,10 @@ def test_fit_checkpoint_resume_matches_uninterrupted(models: Path, tmp_path: Pat
         checkpoint_every=1,
         max_steps=2,
     )
-    assert first["steps"] == 2 and not part.trained
+    assert first.steps == 2 and not part.trained
     fresh = make(models, tmp_path / "b", "t5")  # a new process reopening the store
     second = fresh.fit(qs, pos, epochs=2, batch_size=5, checkpoint_dir=tmp_path / "ck-b")
-    assert second["steps"] == 4 and len(second["losses"]) == 4 and fresh.trained
+    assert second.steps == 4 and len(second.losses) == 4 and fresh.trained
     torch.testing.assert_close(fresh.head.tokens, full.head.tokens, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fresh.head.alpha, full.head.alpha, rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointMismatchError):
@@ -312,7 +312,7 @@ def test_query_lora_trains_persists_and_leaves_generation_alone(
     full = make(models, tmp_path / "ck", arch, query_positions="query+retrieval")
     full.add(DOCS)
     out = r.fit(qs, pos, epochs=2, batch_size=5, lr=3e-2, lora_rank=2)
-    assert r.trained and r.head.lora_rank == 2 and out["steps"] == 4
+    assert r.trained and r.head.lora_rank == 2 and out.steps == 4
     assert float(r.head.lora_b.abs().sum()) > 0  # the query projections were updated
     hits = [(h.chunk_id, h.score) for h in r.search("river ecology", k=5)]
     # resume from a checkpoint taken after half the steps ends where an uninterrupted run does
@@ -344,7 +344,7 @@ def test_fit_bad_input(models: Path, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = r.fit({"1": "about jazz"}, {"1": {"d4": 1, "d9": 0}}, epochs=1)
-    assert out["examples"] == 1
+    assert out.num_examples == 1
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -472,7 +472,7 @@ def test_int8_store_add_delete_and_fit(models: Path, tmp_path: Path) -> None:
     qs, pos = _train_data()
     pos = [[d for d in p if d not in ("d4", "d9")] for p in pos]
     out = r.fit(qs, pos, epochs=1, batch_size=5)
-    assert out["steps"] == 2 and r.trained
+    assert out.steps == 2 and r.trained
 
 
 def test_training_candidates_mix_hard_and_uniform_negatives() -> None:

@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..protocol import Filter
 from ..store import EncodedChunkStore, TensorSpec
+from ..training import FitConfig, FitReport, LabeledQueries
 from ..types import Chunk, Document, DocumentLike, Hit, as_documents
 
 #: Rows and scores for one query, best first.
@@ -59,6 +60,10 @@ class StoreRetriever(abc.ABC):
 
     #: registry name, also recorded in the manifest
     name: ClassVar[str] = ""
+    #: settings class of a retriever that trains (`fit`); None for one that does not
+    fit_config: ClassVar[type[FitConfig] | None] = None
+    #: `fit` keywords that are not settings (objects such as a query generator)
+    fit_extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -123,6 +128,89 @@ class StoreRetriever(abc.ABC):
     def _before_save(self) -> None:
         """Persist in-memory state (e.g. trained heads) into the store before it is copied."""
         return None
+
+    def _fit_defaults(self) -> FitConfig:
+        """This retriever's default fit settings (a retriever that trains may take them from
+        its constructor)."""
+        assert self.fit_config is not None
+        return self.fit_config()
+
+    def _fit(self, queries: Any, qrels: Any, config: Any, **extras: Any) -> FitReport:
+        """Train on the stored chunks (retrievers that train implement it)."""
+        raise InvalidInputError(f"the {self.name} retriever has nothing to train")
+
+    # ------------------------------------------------------------------ training
+    def fit_settings(self, config: FitConfig | None = None, **options: Any) -> FitConfig:
+        """`config` (default: this retriever's defaults) with `options` replaced, validated."""
+        if self.fit_config is None:
+            raise InvalidInputError(f"the {self.name} retriever has nothing to train")
+        return self.fit_config.from_options(
+            config if config is not None else self._fit_defaults(), **options
+        )
+
+    def fit(
+        self,
+        queries: LabeledQueries | None = None,
+        qrels: Any = None,
+        *,
+        config: FitConfig | None = None,
+        **options: Any,
+    ) -> FitReport:
+        """Train this retriever on its stored chunks; the same call for every retriever that
+        trains.
+
+        `queries`/`qrels`: labeled queries in any `training.LabeledQueries` shape (BEIR
+        ``{qid: text}`` + ``{qid: {doc_id: relevance}}``, parallel lists, ``{query: doc ids}``
+        or ``(query, doc id)`` pairs); positives are document or chunk ids. `config`: the
+        retriever's `fit_config` settings; `options` replace single fields (``epochs=2``,
+        ``max_steps=100``, ``checkpoint_dir=...``, ``time_limit_s=...``). Runs with the same data
+        and settings resume from `checkpoint_dir`. Returns a `FitReport`.
+        """
+        extras = {k: options.pop(k) for k in list(options) if k in self.fit_extras}
+        cfg = self.fit_settings(config, **options)
+        if len(self) == 0:
+            raise EmptyCorpusError("index documents before calling fit()")
+        with self.lock:
+            return self._fit(queries, qrels, cfg, **extras)
+
+    def documents(self) -> list[Document]:
+        """Live documents reassembled from their chunks (chunk offsets put overlaps back)."""
+        parts: dict[str, list[Chunk]] = {}
+        for _, c in self._store.iter_chunks():
+            parts.setdefault(c.document_id, []).append(c)
+        docs = []
+        for doc_id, chunks in parts.items():
+            chunks.sort(key=lambda c: c.start)
+            text, end = "", None
+            for c in chunks:
+                if end is None or c.start >= end:
+                    text += ("" if end is None else " ") + c.text
+                else:
+                    text += c.text[end - c.start :]
+                end = max(end or 0, c.end)
+            docs.append(Document(text, doc_id, dict(chunks[0].metadata)))
+        return docs
+
+    def reindex(self, documents: Sequence[Document] | None = None) -> None:
+        """Recreate the store at the same path for the current model (after training changed
+        what it writes) and index `documents` (default: the live ones) again."""
+        docs = self.documents() if documents is None else list(documents)
+        with self.lock:
+            root = Path(self._store.path)
+            self._store.close()
+            shutil.rmtree(root)
+            self._store = EncodedChunkStore.create(
+                root, fingerprint=self._fingerprint(), specs=self._specs(),
+                config=self._manifest_config(),
+            )  # fmt: skip
+            self._on_open()
+            if docs:
+                self._ingest(docs)
+
+    @property
+    def fingerprint(self) -> str:
+        """The model fingerprint the store holds this retriever to."""
+        return self._fingerprint()
 
     # ------------------------------------------------------------------ store handling
     def _manifest_config(self) -> dict[str, Any]:
@@ -254,7 +342,7 @@ class StoreRetriever(abc.ABC):
             self._on_open()
 
     # ------------------------------------------------------------------ search
-    def _check_query(self, query: Any) -> str:
+    def check_query(self, query: Any) -> str:
         if not isinstance(query, str):
             raise InvalidInputError(f"query must be str, got {type(query).__name__}")
         if not query.strip():
@@ -275,7 +363,7 @@ class StoreRetriever(abc.ABC):
     ) -> list[list[Hit]]:
         if isinstance(queries, str):
             raise InvalidInputError("search_batch takes a list of queries; use search() for one")
-        queries = [self._check_query(q) for q in queries]
+        queries = [self.check_query(q) for q in queries]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise InvalidInputError(f"k must be a positive int, got {k!r}")
         if not queries:

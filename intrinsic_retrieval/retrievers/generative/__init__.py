@@ -7,7 +7,7 @@ from .backbone import Backbone
 from .docids import DocidMap, hierarchical_kmeans
 from .examples import Doc2QueryGenerator, Example, ExtractiveQueryGenerator, QueryGenerator
 from .retriever import GenerativeDocidRetriever
-from .train import TrainConfig, TrainReport
+from .train import GenerativeFitConfig
 from .trie import DocidTrie, TrieLogitsProcessor
 
 __all__ = [
@@ -18,9 +18,8 @@ __all__ = [
     "Example",
     "ExtractiveQueryGenerator",
     "GenerativeDocidRetriever",
+    "GenerativeFitConfig",
     "QueryGenerator",
-    "TrainConfig",
-    "TrainReport",
     "TrieLogitsProcessor",
     "hierarchical_kmeans",
 ]

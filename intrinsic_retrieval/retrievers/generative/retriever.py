@@ -12,7 +12,6 @@ import hashlib
 import json
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from os import PathLike
 from typing import Any
 
@@ -30,6 +29,7 @@ from ...errors import (
 )
 from ...models.architectures import BERT2BERT_PREFIX, T5GEMMA2_PREFIX, load_encoder_decoder
 from ...store import TensorSpec
+from ...training import FitReport, LabeledQueries, labeled_pairs, train
 from ...types import Chunk, DocumentLike, as_documents
 from ..base import Ranked, StoreRetriever
 from . import persist
@@ -46,10 +46,8 @@ from .examples import (
     split_heldout,
     synthetic_examples,
 )
-from .train import TrainConfig, TrainReport, train
+from .train import GenerativeFitConfig
 from .trie import DocidTrie
-
-LabeledQueries = Mapping[str, Sequence[str] | str] | Sequence[tuple[str, str]]
 
 
 class GenerativeDocidRetriever(StoreRetriever):
@@ -67,10 +65,12 @@ class GenerativeDocidRetriever(StoreRetriever):
         seed: k-means and head-initialisation seed.
         num_beams: beam width for sequential ids; a search returns at most this many hits.
         max_input_length: tokens of query / training input the model reads.
-        train_config: defaults for `fit` (a `TrainConfig` as dict).
+        train_config: defaults for `fit` (`GenerativeFitConfig` fields).
     """
 
     name = "generative"
+    fit_config = GenerativeFitConfig
+    fit_extras = ("query_generator", "full")
 
     def __init__(
         self,
@@ -112,7 +112,7 @@ class GenerativeDocidRetriever(StoreRetriever):
         self.num_beams = int(num_beams)
         self.max_input_length = int(max_input_length)
         self.train_defaults = dict(train_config or {})
-        TrainConfig(**self.train_defaults)  # validate early
+        GenerativeFitConfig.from_options(**self.train_defaults)  # validate early
         self.device_arg, self.dtype_arg = device, dtype
         self.head: nn.Linear | None = None
         self._model_meta: dict[str, Any] = {}
@@ -382,7 +382,7 @@ class GenerativeDocidRetriever(StoreRetriever):
             return
         self.store.put_aux("docids", self._map.centroid_tensors(), {"map": self._map.to_json()})
 
-    def _persist_model(self, report: TrainReport | None = None) -> None:
+    def _persist_model(self, report: FitReport | None = None) -> None:
         from ...models.fingerprint import model_fingerprint
 
         extra: dict[str, Any] = {"weights_fingerprint": model_fingerprint(self.model)}
@@ -406,22 +406,17 @@ class GenerativeDocidRetriever(StoreRetriever):
         self._persist_map()
 
     # ------------------------------------------------------------------ training = indexing
-    def _labeled(self, queries: LabeledQueries | None) -> list[Example]:
+    def _labeled(self, queries: LabeledQueries | None, qrels: Any = None) -> list[Example]:
         if not queries:
             return []
-        pairs: list[tuple[str, str]] = []
-        if isinstance(queries, Mapping):
-            for q, docs in queries.items():
-                pairs.extend((q, d) for d in ([docs] if isinstance(docs, str) else docs))
-        else:
-            pairs = [(str(q), str(d)) for q, d in queries]
         codes_by_doc: dict[str, list[int]] = {}
         for row, chunk in self.store.iter_chunks():
             codes_by_doc.setdefault(chunk.document_id, []).append(int(self._row_codes[row]))
         out = []
-        for q, d in pairs:
-            for code in codes_by_doc.get(d, []):  # unknown / deleted documents are skipped
-                out.append(Example(q, code, "labeled"))
+        for q, ids in labeled_pairs(queries, qrels):
+            for d in ids:
+                for code in codes_by_doc.get(d, []):  # unknown / deleted documents are skipped
+                    out.append(Example(q, code, "labeled"))
         return out
 
     def _corpus_fingerprint(self, codes: Sequence[int]) -> str:
@@ -429,40 +424,25 @@ class GenerativeDocidRetriever(StoreRetriever):
         ids = [c.id for c in self.store.get(rows)]
         return hashlib.sha256(json.dumps([list(codes), ids]).encode()).hexdigest()
 
-    def fit(
-        self,
-        queries: LabeledQueries | None = None,
-        *,
-        query_generator: QueryGenerator | None = None,
-        full: bool | None = None,
-        config: TrainConfig | None = None,
-        **overrides: Any,
-    ) -> TrainReport:
-        """Train the model on the stored documents (this *is* indexing).
-
-        Args:
-            queries: labeled training queries, ``{query: doc_id | [doc_ids]}`` or
-                ``[(query, doc_id), ...]`` (e.g. SciFact ``qrels/train.tsv``).
-            query_generator: writes synthetic queries (default `ExtractiveQueryGenerator`).
-            full: train on every document (default for the first fit). ``False`` after an `add`
-                trains only the documents added since the last fit plus a replay sample of the
-                old ones (``replay_ratio``); see docs/generative.md for its cost and forgetting.
-            config / overrides: `TrainConfig` fields (e.g. ``max_steps=500``, ``train_mode=...``).
-        """
-        cfg = config or TrainConfig(**self.train_defaults)
-        if overrides:
-            cfg = replace(cfg, **overrides)
-            cfg.__post_init__()
-        with self.lock:
-            return self._fit(queries, query_generator, full, cfg)
+    def _fit_defaults(self) -> GenerativeFitConfig:
+        return GenerativeFitConfig.from_options(**self.train_defaults)
 
     def _fit(
         self,
         queries: LabeledQueries | None,
-        generator: QueryGenerator | None,
-        full: bool | None,
-        cfg: TrainConfig,
-    ) -> TrainReport:
+        qrels: Any,
+        cfg: GenerativeFitConfig,  # type: ignore[override]
+        *,
+        query_generator: QueryGenerator | None = None,
+        full: bool | None = None,
+    ) -> FitReport:
+        """Train the model on the stored documents (this *is* indexing): FirstP/DaQ spans,
+        labeled queries (`queries`/`qrels`, any `LabeledQueries` shape) and synthetic queries
+        from `query_generator` (default `ExtractiveQueryGenerator`), per `cfg.inputs`. `full`
+        trains every document (default for the first fit); ``False`` after an `add` trains only
+        the documents added since the last fit plus a replay sample of the old ones
+        (``replay_ratio``); see docs/generative.md for its cost and forgetting."""
+        generator = query_generator
         live = self._map.live_codes()
         if not live:
             from ...errors import EmptyCorpusError
@@ -492,7 +472,7 @@ class GenerativeDocidRetriever(StoreRetriever):
             ret: list[Example] = []
             if "labeled" in cfg.inputs:
                 allowed = set(codes)
-                ret.extend(e for e in self._labeled(queries) if e.code in allowed)
+                ret.extend(e for e in self._labeled(queries, qrels) if e.code in allowed)
             if "synthetic" in cfg.inputs:
                 gen = generator or ExtractiveQueryGenerator(seed=cfg.seed)
                 ret.extend(synthetic_examples(docs, gen, cfg.synthetic_per_doc))
@@ -519,7 +499,7 @@ class GenerativeDocidRetriever(StoreRetriever):
             self._enc_cache = self.backbone.encode(
                 [e.text for e in train_ex], self.max_input_length
             )
-        report = TrainReport(
+        report = FitReport(
             num_examples=len(train_ex),
             example_kinds=describe(train_ex),
             num_heldout=len(heldout),
@@ -545,8 +525,9 @@ class GenerativeDocidRetriever(StoreRetriever):
 
         try:
             train(
-                modules, self._loss, train_ex, heldout, cfg,
-                evaluate=evaluate, fingerprints=fingerprints, report=report,
+                modules, lambda batch, _step: self._loss(batch), train_ex, cfg,
+                fingerprints=fingerprints, report=report, heldout=heldout, evaluate=evaluate,
+                desc="fit (generative)",
             )  # fmt: skip
         finally:
             self._enc_cache = None
@@ -648,7 +629,7 @@ class GenerativeDocidRetriever(StoreRetriever):
         through the output (final norm + docid head). Atomic ids only."""
         from .diagnostics import logit_lens
 
-        return logit_lens(self, self._check_query(query), doc_id)
+        return logit_lens(self, self.check_query(query), doc_id)
 
     def row_of_document(self, doc_id: str) -> int:
         rows = self.store.rows_for_ids([doc_id])
@@ -659,7 +640,7 @@ class GenerativeDocidRetriever(StoreRetriever):
     def code_of_row(self, row: int) -> int:
         return int(self._row_codes[row])
 
-    def add_and_fit(self, documents: Sequence[DocumentLike], **fit_kwargs: Any) -> TrainReport:
+    def add_and_fit(self, documents: Sequence[DocumentLike], **fit_kwargs: Any) -> FitReport:
         """Convenience: `add` then `fit` (incremental when the model was trained before)."""
         self.add(documents)
         return self.fit(**fit_kwargs)

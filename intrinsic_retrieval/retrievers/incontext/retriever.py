@@ -21,6 +21,7 @@ from ...models.architectures import decoder_only_for
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
 from ...store import TensorSpec
+from ...training import FitReport
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
 from .attention import CorpusKV, QueryResult, default_ssmax, pad_layer, query_pass
@@ -29,6 +30,7 @@ from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_co
 from .prefill import prefill_blocks
 from .recompute import BlockCache, RecomputedKV, to_storage
 from .scoring import constrained_beam_search, readout_scores
+from .train import InContextFitConfig
 
 SCORINGS = ("readout", "codes")
 KV_STORAGES = ("full", "routing")
@@ -102,6 +104,7 @@ class InContextRetriever(StoreRetriever):
     """
 
     name = "incontext"
+    fit_config = InContextFitConfig
 
     def __init__(
         self,
@@ -681,11 +684,9 @@ class InContextRetriever(StoreRetriever):
         return out
 
     # ------------------------------------------------------------------ training
-    def fit(
-        self, queries: Sequence[str], positives: Sequence[Sequence[str] | str], **kwargs: Any
-    ) -> dict[str, Any]:
+    def _fit(self, queries: Any, qrels: Any, config: Any, **extras: Any) -> FitReport:
         """Fine-tune the model to emit codes (see `train.fit_codes`); the stored blocks were
         made by the old weights, so the index is rebuilt from the stored texts afterwards."""
         from .train import fit_codes
 
-        return fit_codes(self, queries, positives, **kwargs)
+        return fit_codes(self, queries, qrels, config)

@@ -1,21 +1,23 @@
 """Fine-tuning an LM to emit document codes (BlockSearch training, small-scale version).
 
-Each step draws a batch of queries, builds an in-batch corpus (their positives plus other stored
-documents), draws *fresh random codes* for that corpus (so the model learns to copy the code of
-the block it attends to, not to memorise code-document pairs), prefills the blocks with
-gradients, runs the query pass over them and takes cross-entropy on the positive's code digits.
-LoRA (peft) is used when available and requested; otherwise all weights train.
+Each step takes a batch of queries, builds an in-batch corpus (their positives plus other stored
+documents drawn for that step), draws *fresh random codes* for that corpus (so the model learns
+to copy the code of the block it attends to, not to memorise code-document pairs), prefills the
+blocks with gradients, runs the query pass over them and takes cross-entropy on the positive's
+code digits. LoRA (peft) when requested; otherwise all weights train. The loop, checkpoints,
+time budget and report are the library's one training loop (`intrinsic_retrieval.training`).
 
 After training the stored blocks are stale (they were made by the old weights), so the index is
-rebuilt in place from the stored texts with the new model's fingerprint.
+rebuilt in place from the stored texts with the new model's fingerprint (`reindex`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +25,15 @@ import torch
 from ...errors import InvalidInputError, UnknownIdError
 from ...models.architectures import decoder_only_for
 from ...models.fingerprint import model_fingerprint
-from ...types import Document
+from ...training import (
+    FitConfig,
+    FitReport,
+    labeled_pairs,
+    parameter_counts,
+    run_field,
+    step_seed,
+    train,
+)
 from .attention import CorpusKV, query_pass
 from .prefill import prefill_blocks
 
@@ -31,96 +41,93 @@ if TYPE_CHECKING:
     from .retriever import InContextRetriever
 
 
-def _documents(r: InContextRetriever) -> dict[str, Document]:
-    """Live documents reassembled from their chunks (chunk offsets put overlaps back together)."""
-    parts: dict[str, list[Any]] = {}
-    for _, c in r.store.iter_chunks():
-        parts.setdefault(c.document_id, []).append(c)
-    docs = {}
-    for doc_id, chunks in parts.items():
-        chunks.sort(key=lambda c: c.start)
-        text, end = "", None
-        for c in chunks:
-            if end is None or c.start >= end:
-                text += ("" if end is None else " ") + c.text
-            else:
-                text += c.text[end - c.start :]
-            end = max(end or 0, c.end)
-        docs[doc_id] = Document(text, doc_id, dict(chunks[0].metadata))
-    return docs
+@dataclass
+class InContextFitConfig(FitConfig):
+    """`InContextRetriever.fit` settings: `corpus_size` documents in each step's in-batch corpus
+    (the batch's positives plus drawn negatives); `lora` trains a rank-`lora_rank` LoRA on the
+    attention projections instead of every weight; `save_model_to` saves the tuned model there
+    (and records it as the retriever's model); `reindex` rebuilds the index afterwards."""
+
+    corpus_size: int = run_field(16)
+    lora: bool = run_field(False)
+    lora_rank: int = run_field(8)
+    lr: float = run_field(1e-4)
+    batch_size: int = run_field(4)
+    save_model_to: str | None = None
+    reindex: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.corpus_size, int) or self.corpus_size < 1:
+            raise InvalidInputError(f"corpus_size must be an int >= 1, got {self.corpus_size!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise InvalidInputError(f"lora_rank must be an int >= 1, got {self.lora_rank!r}")
 
 
 def fit_codes(
-    r: InContextRetriever,
-    queries: Sequence[str],
-    positives: Sequence[Sequence[str] | str],
-    *,
-    steps: int = 100,
-    batch_queries: int = 4,
-    corpus_size: int = 16,
-    lr: float = 1e-4,
-    lora: bool = False,
-    lora_rank: int = 8,
-    seed: int = 0,
-    save_model_to: str | None = None,
-    reindex: bool = True,
-) -> dict[str, Any]:
-    """Train `r.model` to write the code of a query's positive document.
-
-    `positives[i]` names stored document ids relevant to `queries[i]` (the first one that exists
-    is the target). Returns ``{"losses": [...], "steps": n}``. With `save_model_to` the tuned
-    weights and tokenizer are saved there and recorded as the retriever's model, so
-    `InContextRetriever.load` reopens the rebuilt index with them.
-    """
-    if isinstance(queries, str) or len(queries) != len(positives) or not queries:
-        raise InvalidInputError("fit needs equal-length, non-empty lists of queries and positives")
-    docs = _documents(r)
-    if not docs:
-        raise InvalidInputError("fit needs an index with documents (add them first)")
+    r: InContextRetriever, queries: Any, qrels: Any, cfg: InContextFitConfig
+) -> FitReport:
+    """Train `r.model` to write the code of each query's positive document (the first stored
+    one of its positives)."""
+    if queries is None:
+        raise InvalidInputError("in-context fit needs labeled queries (queries and qrels)")
+    docs = {d.id: d for d in r.documents()}
     pairs = []
-    for q, pos in zip(queries, positives, strict=True):
-        ids = [pos] if isinstance(pos, str) else list(pos)
+    for q, ids in labeled_pairs(queries, qrels):
         known = [i for i in ids if i in docs]
         if not known:
             raise UnknownIdError(f"none of the positives {ids[:3]} of query {q[:40]!r} is stored")
         pairs.append((q, known[0]))
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    if not pairs:
+        raise InvalidInputError("fit needs at least one query with a positive document")
     model = r.model
     peft_model = None
-    if lora:
+    if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(
-            r=lora_rank,
-            lora_alpha=2 * lora_rank,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        )
-        peft_model = get_peft_model(model, cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            peft_model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=2 * cfg.lora_rank,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                ),
+            )
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    losses: list[float] = []
     all_ids = sorted(docs)
+
+    def loss_fn(batch: Sequence[tuple[str, str]], step: int) -> torch.Tensor:
+        rng = random.Random(step_seed(cfg.seed, step))
+        pos_ids = list(dict.fromkeys(p for _, p in batch))
+        target_of = {p: i for i, p in enumerate(pos_ids)}
+        pool = [d for d in all_ids if d not in target_of]
+        negs = rng.sample(pool, min(len(pool), max(0, cfg.corpus_size - len(pos_ids))))
+        # queries whose positive is shared use the same block; index = code slot
+        return _loss_with_order(
+            r,
+            [q for q, _ in batch],
+            [target_of[p] for _, p in batch],
+            [docs[p].text for p in pos_ids],
+            [docs[d].text for d in negs],
+            rng,
+        )
+
+    modules = {"model": peft_model if peft_model is not None else model}
+    counts = parameter_counts(modules)
+    data = hashlib.sha256(json.dumps([pairs, all_ids]).encode()).hexdigest()
+    report = FitReport(
+        num_examples=len(pairs), trainable_params=counts["trainable"], total_params=counts["total"]
+    )
     try:
-        for _ in range(steps):
-            batch = rng.sample(pairs, min(batch_queries, len(pairs)))
-            pos_ids = list(dict.fromkeys(p for _, p in batch))
-            target_of = {p: i for i, p in enumerate(pos_ids)}
-            pool = [d for d in all_ids if d not in target_of]
-            negs = rng.sample(pool, min(len(pool), max(0, corpus_size - len(pos_ids))))
-            # queries whose positive is shared use the same block; reorder so index = code slot
-            qs = [q for q, _ in batch]
-            order = [target_of[p] for _, p in batch]
-            pos_texts = [docs[p].text for p in pos_ids]
-            loss = _loss_with_order(r, qs, order, pos_texts, [docs[d].text for d in negs], rng)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+        train(
+            modules, loss_fn, pairs, cfg,
+            fingerprints={"model": r.fingerprint, "data": data, "run": cfg.run_hash()},
+            report=report, desc="fit (incontext)",
+        )  # fmt: skip
     finally:
         model.eval()
     if peft_model is not None:
@@ -130,11 +137,11 @@ def fit_codes(
         p.requires_grad_(False)
     # peft merges through `.data`, which the fingerprint cache cannot see: recompute it
     model_fingerprint(r.model, refresh=True)
-    if save_model_to is not None:
-        _save_model(r, save_model_to)
-    if reindex:
-        rebuild_index(r, list(docs.values()))
-    return {"losses": losses, "steps": len(losses)}
+    if cfg.save_model_to is not None:
+        _save_model(r, cfg.save_model_to)
+    if cfg.reindex:
+        r.reindex(list(docs.values()))
+    return report
 
 
 def _loss_with_order(
@@ -187,17 +194,3 @@ def _save_model(r: InContextRetriever, path: str) -> None:
     r.tokenizer.save_pretrained(path)
     r.model_name = str(path)
     r.gguf_file = None
-
-
-def rebuild_index(r: InContextRetriever, docs: Sequence[Document]) -> None:
-    """Recreate the store at the same path for the current weights and re-add `docs`."""
-    from ...store import EncodedChunkStore
-
-    root = Path(r.store.path)
-    r.store.close()
-    shutil.rmtree(root)
-    r._store = EncodedChunkStore.create(
-        root, fingerprint=r._fingerprint(), specs=r._specs(), config=r._manifest_config()
-    )
-    r._on_open()
-    r.add(list(docs))

@@ -96,7 +96,7 @@ def answer(
     """
     import time
 
-    query = r._check_query(query)
+    query = r.check_query(query)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise InvalidInputError(f"k must be a positive int, got {k!r}")
     t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def answer(
         if n == 0:
             return Answer("", [], [])
         r._check_length(query)
-        qstates = r._query_states(query)
+        qstates = r.query_states(query)
         c0, _ = r.initial_context(qstates, candidates, r.k0)
         with torch.no_grad():
             folded = r.retrieval_pass(query, c0.tolist())

@@ -47,10 +47,12 @@ from ...models.architectures import (
 )
 from ...models.quant import dequantize_int8, quantize_int8
 from ...store import TensorSpec
+from ...training import FitReport
 from ...types import Chunk
 from ..base import Ranked, StoreRetriever
 from .head import AUX_NAME, RetrievalHead
 from .qwk import Folded, QueryTap, key_rnorm, topk_pooled
+from .train import IntraFitConfig
 
 #: `model=None` builds this when Gemma 3 270M is fetched (`make models`): a T5Gemma2 whose both
 #: stacks are Gemma 3, with label-free memory adapters (see `models.t5gemma2`)
@@ -100,6 +102,7 @@ class IntraRetriever(StoreRetriever):
     """
 
     name = "intra"
+    fit_config = IntraFitConfig
 
     def __init__(
         self,
@@ -427,13 +430,13 @@ class IntraRetriever(StoreRetriever):
         if n > self.max_length:
             self._warn_truncated("query", n, self.max_length)
 
-    def _query_states(self, query: str) -> torch.Tensor:
+    def query_states(self, query: str) -> torch.Tensor:
         return self.encode_states([query])[0]
 
-    def _pooled(self) -> torch.Tensor:
+    def pooled_vectors(self) -> torch.Tensor:
         return self.store.fixed("pooled")
 
-    def _rnorm(self) -> torch.Tensor | None:
+    def key_rnorms(self) -> torch.Tensor | None:
         return self.store.fixed("rnorm") if "rnorm" in self.store.specs else None
 
     def initial_context(self, qstates: torch.Tensor, candidates: torch.Tensor, k0: int) -> Ranked:
@@ -447,7 +450,7 @@ class IntraRetriever(StoreRetriever):
             cand = self._ann_candidates(qstates, candidates) & candidates
             if int(cand.sum()) < k0:
                 cand = candidates
-        scores, idx = maxsim_topk(qstates.float()[None], self._pooled(), k0, candidates=cand)
+        scores, idx = maxsim_topk(qstates.float()[None], self.pooled_vectors(), k0, candidates=cand)
         return idx[0].long(), scores[0]
 
     def decoder_prefix(self, query: str) -> torch.Tensor:
@@ -545,7 +548,7 @@ class IntraRetriever(StoreRetriever):
             live = self.store.live_rows()
             for start in range(0, live.numel(), 50_000):
                 r = live[start : start + 50_000]
-                self._ann_add(r, self._pooled()[r])
+                self._ann_add(r, self.pooled_vectors()[r])
         return self._ann
 
     def _ann_candidates(
@@ -593,7 +596,7 @@ class IntraRetriever(StoreRetriever):
         return out
 
     def _score_one(self, query: str, candidates: torch.Tensor, k: int) -> Ranked:
-        qstates = self._query_states(query)
+        qstates = self.query_states(query)
         if self.mode == "encoder":
             return self.initial_context(qstates, candidates, k)
         c0, _ = self.initial_context(qstates, candidates, self.k0)
@@ -619,16 +622,22 @@ class IntraRetriever(StoreRetriever):
             if int(cand.sum()) < k:
                 cand = candidates
         rows, scores = topk_pooled(
-            folded, self.head.alpha.detach(), self._pooled(), self.layers, k, cand, self._rnorm()
+            folded,
+            self.head.alpha.detach(),
+            self.pooled_vectors(),
+            self.layers,
+            k,
+            cand,
+            self.key_rnorms(),
         )
         return rows, scores
 
     # ------------------------------------------------------------------ training / generation
-    def fit(self, queries: Any, positive_chunk_ids: Any = None, **kwargs: Any) -> dict[str, Any]:
-        """Train the retrieval tokens and alpha (backbone frozen); see `train.fit`."""
+    def _fit(self, queries: Any, qrels: Any, config: Any, **extras: Any) -> FitReport:
+        """Train the retrieval head with the paper's soft cross-entropy (see `train`)."""
         from .train import fit
 
-        return fit(self, queries, positive_chunk_ids, **kwargs)
+        return fit(self, queries, qrels, config)
 
     def answer(self, query: str, k: int = 5, **kwargs: Any) -> Any:
         """Retrieve, then generate greedily from the selected chunks' stored states; see
