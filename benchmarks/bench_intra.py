@@ -190,7 +190,7 @@ def main() -> None:
         r.ann_threshold = 10**12
         enc_hits: list = []
         intra_hits: list = []
-        with r.using_mode("encoder"):
+        with r.using(mode="encoder"):
             enc = pct(latency(r, qs, hits=enc_hits))
         exact = pct(latency(r, qs, hits=intra_hits))
         ann = (None, None)
@@ -204,7 +204,7 @@ def main() -> None:
                 warm = round(time.perf_counter() - t0, 1)
                 enc_ann: list = []
                 intra_ann: list = []
-                with r.using_mode("encoder"):
+                with r.using(mode="encoder"):
                     latency(r, qs, hits=enc_ann)
                 lat = pct(latency(r, qs, hits=intra_ann))
                 if ann_k == default_k:

@@ -80,12 +80,12 @@ def main() -> None:
     layers = None
     for storage, layer in options:
         for kv_dtype in ("float16", "int8"):
-            kw = {"kv_dtype": kv_dtype, "kv_storage": storage}
+            kw = {"store_dtype": kv_dtype, "kv_storage": storage}
             if layer is not None:
                 kw["route_layer"] = layer
             r, prefill_s = build(f"{storage}-{layer}-{kv_dtype}", **kw)
             layers = r.arch.num_layers
-            b = r.bytes_per_document()
+            b = r.bytes_per_chunk()
             base_kv = base_kv or b["kv"]
             what = (
                 f"K+V of all {layers} layers"

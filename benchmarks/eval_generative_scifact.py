@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 MEASURES = ["R@1", "R@10", "nDCG@10"]
 
-#: name -> (docid scheme, TrainConfig overrides)
+#: name -> (docid scheme, GenerativeFitConfig overrides)
 ALL = ("firstp", "daq", "labeled", "synthetic")
-#: name -> (docid scheme, TrainConfig overrides); the encoder is frozen (and its states cached)
-#: unless train_mode says otherwise
+#: name -> (docid scheme, GenerativeFitConfig overrides); the encoder is frozen (and its states
+#: cached) unless train_mode says otherwise
 CONFIGS: dict[str, tuple[str, dict]] = {
     "atomic-firstp+labeled": ("atomic", {"inputs": ("firstp", "labeled")}),
     "atomic-firstp+daq+labeled": ("atomic", {"inputs": ("firstp", "daq", "labeled")}),

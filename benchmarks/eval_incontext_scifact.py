@@ -111,18 +111,18 @@ def main() -> None:
         per_doc_prefill = prefill_s / len(added) if added else None
         rows = {c.document_id: r for r, c in icr.store.iter_chunks()}
         read = dict(zip(order, icr.read_texts([rows[d] for d in order]), strict=True))
-        bytes_fp16 = icr.bytes_per_document()
+        bytes_fp16 = icr.bytes_per_chunk()
 
         # int8 bytes/doc measured on a small sample of the same documents
         icr8 = InContextRetriever(
             model,
             max_doc_tokens=args.max_doc_tokens,
             kv_layers=args.kv_layers or None,
-            kv_dtype="int8",
+            store_dtype="int8",
             show_progress=False,
         )
         icr8.add(docs[:20])
-        bytes_int8 = icr8.bytes_per_document()["stored"]
+        bytes_int8 = icr8.bytes_per_chunk()["stored"]
         icr8.close()
         del icr8
 

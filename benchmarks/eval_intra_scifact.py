@@ -156,7 +156,7 @@ def main() -> None:
         log["intra_index_s"] = index_s
         label = f"cross-attention {variant}" if bert else f"memory adapter {tag}"
         if variant == stores[0]:  # the encoder is the same for every variant
-            with intra.using_mode("encoder"):
+            with intra.using(mode="encoder"):
                 record("INTRA (a) encoder-side stage (C0 MaxSim)", intra, index_s)
         for positions in args.query_positions.split(","):
             intra.query_positions = positions
@@ -183,12 +183,12 @@ def main() -> None:
                     show_progress=False,
                 )
                 fit_s = time.perf_counter() - t0
-                losses = hist["losses"]
+                losses = hist.losses
                 n = max(1, len(losses) // 10)
                 log.update(
                     fit_s=fit_s,
-                    fit_steps=hist["steps"],
-                    fit_examples=hist["examples"],
+                    fit_steps=hist.steps,
+                    fit_examples=hist.num_examples,
                     loss_first=sum(losses[:n]) / n,
                     loss_last=sum(losses[-n:]) / n,
                 )

@@ -134,7 +134,7 @@ def main() -> None:
     for stage in ("encoder", "intra"):
         for dt in DTYPES:
             r = stores[dt]
-            with r.using_mode(stage):
+            with r.using(mode=stage):
                 t0 = time.perf_counter()
                 run = run_queries(r, queries, k=10, show_progress=False)
                 ms = (time.perf_counter() - t0) / max(len(queries), 1) * 1000

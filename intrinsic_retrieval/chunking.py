@@ -93,6 +93,13 @@ class Chunker:
         return [c for d in docs for c in self.split(d)]
 
 
+def special_token_count(tokenizer: Any) -> int:
+    """Special tokens the tokenizer adds around one text ([CLS]/[SEP], BOS...): what a chunk
+    must leave free of the model's input limit."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return max(0, len(with_special) - len(tokenizer("x", add_special_tokens=False)["input_ids"]))
+
+
 def check_unique_ids(ids: Iterable[str | None]) -> None:
     seen: set[str | None] = set()
     dups: list[str] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import atexit
+import contextlib
 import inspect
 import shutil
 import tempfile
@@ -38,6 +39,11 @@ from ..protocol import Filter
 from ..store import EncodedChunkStore, TensorSpec
 from ..training import FitConfig, FitReport, LabeledQueries
 from ..types import Chunk, Document, DocumentLike, Hit, as_documents
+from .options import SearchOptions
+
+#: ``chunk_size=MODEL_LIMIT``: chunks as long as the model reads in one pass (``None``: whole
+#: documents, an int: that many tokens); the same meaning in every retriever
+MODEL_LIMIT = "model"
 
 #: Rows and scores for one query, best first.
 Ranked = tuple[torch.Tensor, torch.Tensor]
@@ -64,20 +70,36 @@ class StoreRetriever(abc.ABC):
     fit_config: ClassVar[type[FitConfig] | None] = None
     #: `fit` keywords that are not settings (objects such as a query generator)
     fit_extras: ClassVar[tuple[str, ...]] = ()
+    #: constructor options recorded under an older name in existing stores: {old: new}
+    renamed_options: ClassVar[dict[str, str]] = {}
+    #: this retriever's query-time options
+    search_options_class: ClassVar[type[SearchOptions]] = SearchOptions
+    search_options: SearchOptions
 
     def __init__(
         self,
         *,
         path: str | PathLike[str] | None = None,
-        chunk_size: int | None = 256,
+        chunk_size: int | str | None = 256,
         chunk_overlap: int = 32,
         index_batch_size: int = 512,
         show_progress: bool = True,
     ) -> None:
+        if chunk_size == MODEL_LIMIT:
+            chunk_size = self._model_chunk_size()
+        elif chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
+            raise InvalidInputError(
+                f"chunk_size must be an int >= 1, {MODEL_LIMIT!r} (what the model reads in one "
+                f"pass) or None (whole documents), got {chunk_size!r}"
+            )
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
         self.index_batch_size = int(index_batch_size)
         self.show_progress = show_progress
+        if not hasattr(self, "search_options"):  # retrievers with no query-time options
+            self._set_search_options(self.search_options_class())
         #: Serialises model use; integrations take it around calls from worker threads.
         self.lock = threading.RLock()
         self.chunker = Chunker(self._spanner(), chunk_size, chunk_overlap)
@@ -106,6 +128,11 @@ class StoreRetriever(abc.ABC):
     def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
         """Top-`k` rows among `candidates` (bool mask over store rows) for each query, best
         first. Rows outside `candidates` must never be returned."""
+
+    def _model_chunk_size(self) -> int | None:
+        """Tokens of document text the model reads in one pass (``chunk_size="model"``); None
+        for a retriever with no such limit (whole documents)."""
+        return None
 
     def _spanner(self) -> Spanner:
         """Token boundaries for chunking; neural retrievers return their tokenizer's spans."""
@@ -207,19 +234,75 @@ class StoreRetriever(abc.ABC):
             if docs:
                 self._ingest(docs)
 
+    # ------------------------------------------------------------------ measurements
+    def _byte_parts(self) -> dict[str, float]:
+        """Retriever-specific split of the stored bytes, summed over all rows (subclasses)."""
+        return {}
+
+    def bytes_per_chunk(self) -> dict[str, float]:
+        """Measured bytes per stored row (deleted rows count until `compact`): `stored` = all
+        shard bytes (tensors, offsets and safetensors headers), plus the retriever's own split
+        (INTRA: `states`, `pooled`; in-context: `kv`) and `tokens` where it stores tokens."""
+        n = self._store.num_rows
+        parts = self._byte_parts() if n else {}
+        out = {"stored": self._store.shard_nbytes() / n if n else 0.0}
+        out.update({k: (v / n if k != "tokens" else v) for k, v in parts.items()})
+        return out
+
+    def bytes_per_document(self) -> float:
+        """Measured shard bytes per stored document (deleted ones count until `compact`)."""
+        docs = {c.document_id for _, c in self._store.iter_chunks(live_only=False)}
+        return self._store.shard_nbytes() / len(docs) if docs else 0.0
+
     @property
     def fingerprint(self) -> str:
         """The model fingerprint the store holds this retriever to."""
         return self._fingerprint()
+
+    # ------------------------------------------------------------------ query-time options
+    def _check_search_options(self, options: Any) -> None:
+        """Checks of query-time options that need the model or the store (subclasses)."""
+        return None
+
+    def _apply_search_options(self, options: Any) -> None:
+        """Make `options` current: each field becomes an attribute of the same name (what the
+        scoring code reads); subclasses derive further state (resolved lists, caches)."""
+        for name, value in options.to_json().items():
+            setattr(self, name, value)
+
+    def _set_search_options(self, options: SearchOptions) -> None:
+        self._check_search_options(options)
+        self.search_options = options
+        self._apply_search_options(options)
+
+    def configure(self, **options: Any) -> None:
+        """Change query-time options (see `search_options_class`) without touching the index;
+        unknown or index-time options raise `InvalidInputError` and change nothing."""
+        new = self.search_options.replace(**options)
+        with self.lock:
+            self._set_search_options(new)
+
+    @contextlib.contextmanager
+    def using(self, **options: Any) -> Iterator[Self]:
+        """``with r.using(mode="encoder"): ...``: query-time options for a block only."""
+        old = self.search_options
+        self.configure(**options)
+        try:
+            yield self
+        finally:
+            with self.lock:
+                self._set_search_options(old)
 
     # ------------------------------------------------------------------ store handling
     def _manifest_config(self) -> dict[str, Any]:
         return {"retriever": self.name, "init": self.init_args()}
 
     def init_args(self) -> dict[str, Any]:
-        """Constructor kwargs recorded in the manifest (common chunking ones included)."""
+        """Constructor kwargs recorded in the manifest (query-time options and the common
+        chunking ones included)."""
         return {
             **self._init_args(),
+            **self.search_options.to_json(),
             "chunk_size": self.chunk_size,
             "chunk_overlap": self.chunk_overlap,
             "index_batch_size": self.index_batch_size,
@@ -421,6 +504,7 @@ class StoreRetriever(abc.ABC):
             raise StoreCorruptedError(
                 Path(path) / "manifest.json", "the recorded constructor options are not an object"
             )
+        init = {target.renamed_options.get(k, k): v for k, v in init.items()}
         kwargs = {**init, **overrides, "path": path}
         try:
             return target(**kwargs)  # type: ignore[return-value]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..chunking import Spanner, tokenizer_spans
+from ..chunking import Spanner, special_token_count, tokenizer_spans
 from ..models import (
     VectorIndex,
     default_dense_model_path,
@@ -24,7 +24,7 @@ from ..models import (
 )
 from ..store import TensorSpec
 from ..types import Chunk
-from .base import Ranked, StoreRetriever
+from .base import MODEL_LIMIT, Ranked, StoreRetriever
 
 
 class DenseRetriever(StoreRetriever):
@@ -48,7 +48,7 @@ class DenseRetriever(StoreRetriever):
         store_dtype: str = "float32",
         index_kind: str = "auto",
         path: str | None = None,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = MODEL_LIMIT,
         chunk_overlap: int = 32,
         index_batch_size: int = 1024,
         show_progress: bool = True,
@@ -67,13 +67,16 @@ class DenseRetriever(StoreRetriever):
         self._index: VectorIndex | None = None
         super().__init__(
             path=path,
-            chunk_size=chunk_size if chunk_size is not None else self.max_length - 2,
+            chunk_size=chunk_size,
             chunk_overlap=chunk_overlap,
             index_batch_size=index_batch_size,
             show_progress=show_progress,
         )
 
     # ------------------------------------------------------------------ hooks
+    def _model_chunk_size(self) -> int:
+        return self.max_length - special_token_count(self.tokenizer)
+
     def _spanner(self) -> Spanner:
         return tokenizer_spans(self.tokenizer)
 

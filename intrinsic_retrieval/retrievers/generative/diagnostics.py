@@ -39,7 +39,7 @@ def logit_lens(retriever: GenerativeDocidRetriever, query: str, doc_id: str) -> 
         raise UnknownIdError(f"document {doc_id!r} is not trained yet; call fit() first")
     bb, head = retriever.backbone, retriever.head
     assert head is not None
-    states, final_input = bb.layer_states(bb.inputs([query], retriever.max_input_length))
+    states, final_input = bb.layer_states(bb.inputs([query], retriever.max_length))
     pre = bb.pre_head()
     idx = torch.as_tensor(searchable, dtype=torch.long, device=head.weight.device)
     w = head.weight[idx].float()

@@ -12,8 +12,9 @@ import hashlib
 import json
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from ...store import TensorSpec
 from ...training import FitReport, LabeledQueries, labeled_pairs, train
 from ...types import Chunk, DocumentLike, as_documents
 from ..base import Ranked, StoreRetriever
+from ..options import SearchOptions, check_int
 from . import persist
 from .backbone import Backbone
 from .docids import SCHEMES, DocidMap, naive_string
@@ -50,6 +52,17 @@ from .train import GenerativeFitConfig
 from .trie import DocidTrie
 
 
+@dataclass(frozen=True)
+class GenerativeSearchOptions(SearchOptions):
+    """Generative retrieval's query-time options: `num_beams`, the beam width of constrained
+    decoding for sequential ids (a search returns at most this many hits)."""
+
+    num_beams: int = 20
+
+    def validate(self) -> None:
+        check_int("num_beams", self.num_beams, 1)
+
+
 class GenerativeDocidRetriever(StoreRetriever):
     """Generative retrieval (DSI): a seq2seq or causal LM trained to emit document identifiers.
 
@@ -64,11 +77,13 @@ class GenerativeDocidRetriever(StoreRetriever):
         semantic_k, semantic_c, semantic_max_depth: hierarchical k-means shape (paper: k=10, c=100).
         seed: k-means and head-initialisation seed.
         num_beams: beam width for sequential ids; a search returns at most this many hits.
-        max_input_length: tokens of query / training input the model reads.
+        max_length: tokens of query / training input the model reads.
         train_config: defaults for `fit` (`GenerativeFitConfig` fields).
     """
 
     name = "generative"
+    renamed_options: ClassVar[dict[str, str]] = {"max_input_length": "max_length"}
+    search_options_class = GenerativeSearchOptions
     fit_config = GenerativeFitConfig
     fit_extras = ("query_generator", "full")
 
@@ -86,12 +101,12 @@ class GenerativeDocidRetriever(StoreRetriever):
         semantic_max_depth: int = 8,
         seed: int = 0,
         num_beams: int = 20,
-        max_input_length: int = 64,
+        max_length: int = 64,
         train_config: Mapping[str, Any] | None = None,
         device: str | None = None,
         dtype: str | None = None,
         path: str | PathLike[str] | None = None,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = None,
         chunk_overlap: int = 0,
         index_batch_size: int = 512,
         show_progress: bool = True,
@@ -109,8 +124,8 @@ class GenerativeDocidRetriever(StoreRetriever):
             "max_depth": int(semantic_max_depth),
         }
         self.seed = int(seed)
-        self.num_beams = int(num_beams)
-        self.max_input_length = int(max_input_length)
+        self._set_search_options(GenerativeSearchOptions(num_beams=num_beams))
+        self.max_length = int(max_length)
         self.train_defaults = dict(train_config or {})
         GenerativeFitConfig.from_options(**self.train_defaults)  # validate early
         self.device_arg, self.dtype_arg = device, dtype
@@ -246,11 +261,13 @@ class GenerativeDocidRetriever(StoreRetriever):
             "semantic_c": self.semantic["c"],
             "semantic_max_depth": self.semantic["max_depth"],
             "seed": self.seed,
-            "num_beams": self.num_beams,
-            "max_input_length": self.max_input_length,
+            "max_length": self.max_length,
             "train_config": self.train_defaults,
             "show_progress": self.show_progress,
         }
+
+    def _model_chunk_size(self) -> int:
+        return self.max_length
 
     def _spanner(self) -> Spanner:
         return (
@@ -496,9 +513,7 @@ class GenerativeDocidRetriever(StoreRetriever):
             counts["total"] += self.head.weight.numel()
         self._enc_cache = None
         if cfg.cache_encoder and cfg.train_mode != "all" and self.backbone.kind == "seq2seq":
-            self._enc_cache = self.backbone.encode(
-                [e.text for e in train_ex], self.max_input_length
-            )
+            self._enc_cache = self.backbone.encode([e.text for e in train_ex], self.max_length)
         report = FitReport(
             num_examples=len(train_ex),
             example_kinds=describe(train_ex),
@@ -553,14 +568,14 @@ class GenerativeDocidRetriever(StoreRetriever):
             inputs = (
                 self.backbone.cached_inputs(texts, cache)
                 if cache
-                else self.backbone.inputs(texts, self.max_input_length)
+                else self.backbone.inputs(texts, self.max_length)
             )
             feats = self.backbone.head_input(inputs)
             logits = self.head(feats.to(self.head.weight.dtype))
             target = torch.tensor([e.code for e in batch], device=logits.device)
             return nn.functional.cross_entropy(logits.float(), target)
         targets = [self._map.tokens[e.code] for e in batch]
-        return self.backbone.sequence_loss(texts, targets, self.max_input_length, cache)  # type: ignore[arg-type]
+        return self.backbone.sequence_loss(texts, targets, self.max_length, cache)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ search
     def _searchable(self) -> list[int]:
@@ -592,9 +607,7 @@ class GenerativeDocidRetriever(StoreRetriever):
             if self.scheme == "atomic":
                 assert self.head is not None
                 with torch.no_grad():
-                    feats = self.backbone.head_input(
-                        self.backbone.inputs(part, self.max_input_length)
-                    )
+                    feats = self.backbone.head_input(self.backbone.inputs(part, self.max_length))
                     logits = self.head(feats.to(self.head.weight.dtype)).float()
                 idx = torch.as_tensor(list(allowed), dtype=torch.long, device=logits.device)
                 sub = logits[:, idx]
@@ -605,7 +618,7 @@ class GenerativeDocidRetriever(StoreRetriever):
                 full = len(allowed) == len(self._trie)
                 trie = self._trie if full else DocidTrie((self._map.tokens[c], c) for c in allowed)  # type: ignore[misc]
                 res = self.backbone.generate(
-                    part, trie, num_beams=max(self.num_beams, 1), max_length=self.max_input_length
+                    part, trie, num_beams=max(self.num_beams, 1), max_length=self.max_length
                 )
                 out.extend(r[:k] for r in res)
         return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,6 +25,7 @@ from ...store import TensorSpec
 from ...training import FitReport
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
+from ..options import SearchOptions, check_choice, check_int
 from .attention import CorpusKV, QueryResult, default_ssmax, pad_layer, query_pass
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
@@ -34,6 +36,42 @@ from .train import InContextFitConfig
 
 SCORINGS = ("readout", "codes")
 KV_STORAGES = ("full", "routing")
+
+
+@dataclass(frozen=True)
+class InContextSearchOptions(SearchOptions):
+    """In-context retrieval's query-time options (see `InContextRetriever`): scoring, readout,
+    scalable softmax, routing, beams and the attention backend."""
+
+    scoring: str = "readout"
+    readout_layers: list[int] | None = None
+    readout_heads: list[int] | None = None
+    readout_tokens: str = "all"
+    calibrate: bool = True
+    ssmax: float | list[float | None] | str | None = None
+    ssmax_count: str = "tokens"
+    ssmax_reference: int = 2048
+    route_layer: int | None = None
+    route_top: int = 256
+    route_before_attend: bool | None = None
+    recompute_cache_docs: int = 64
+    num_beams: int = 10
+    block_docs: int = 64
+    attention_backend: str = "auto"
+
+    def validate(self) -> None:
+        check_choice("scoring", self.scoring, SCORINGS)
+        check_choice("readout_tokens", self.readout_tokens, ("all", "query", "last"))
+        check_choice("ssmax_count", self.ssmax_count, ("tokens", "docs"))
+        check_choice("attention_backend", self.attention_backend, BACKENDS)
+        if isinstance(self.ssmax, str) and self.ssmax != "auto":
+            raise InvalidInputError(
+                f"ssmax must be a float, a per-layer list or 'auto', got {self.ssmax!r}"
+            )
+        check_int("recompute_cache_docs", self.recompute_cache_docs, 0)
+        check_int("ssmax_reference", self.ssmax_reference, 2)
+        for name in ("route_top", "num_beams", "block_docs"):
+            check_int(name, getattr(self, name), 1)
 
 
 class StoreKV:
@@ -93,7 +131,7 @@ class InContextRetriever(StoreRetriever):
 
     `model`: a packaged name (``"gemma3"``, the default, or ``"smollm2"``; `make models`), a
     directory, a ``.gguf`` file or a hub id. Key options: `max_doc_tokens` (block size and
-    query offset), `kv_dtype` ("float16" or
+    query offset), `store_dtype` of the stored K/V ("float16" or
     "int8"), `kv_layers` (layers whose keys/values are stored: the query pass runs exactly these),
     `scoring` ("readout" zero-shot, or "codes" for a fine-tuned model), `readout_layers` /
     `readout_heads`, `calibrate`, `ssmax` (scalable-softmax ``s_l``: a float, one per layer, or
@@ -104,6 +142,8 @@ class InContextRetriever(StoreRetriever):
     """
 
     name = "incontext"
+    renamed_options: ClassVar[dict[str, str]] = {"kv_dtype": "store_dtype"}
+    search_options_class = InContextSearchOptions
     fit_config = InContextFitConfig
 
     def __init__(
@@ -116,7 +156,7 @@ class InContextRetriever(StoreRetriever):
         max_doc_tokens: int = 300,
         max_query_tokens: int = 64,
         code_digits: int = 4,
-        kv_dtype: str = "float16",
+        store_dtype: str = "float16",
         kv_layers: int | None = None,
         kv_source: str = "mmap",
         kv_storage: str = "full",
@@ -137,38 +177,21 @@ class InContextRetriever(StoreRetriever):
         attention_backend: str = "auto",
         prefill_batch: int = 8,
         path: str | None = None,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = None,
         chunk_overlap: int = 0,
         index_batch_size: int = 64,
         show_progress: bool = True,
     ) -> None:
-        if scoring not in SCORINGS:
-            raise InvalidInputError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-        if kv_dtype not in ("float16", "int8", "float32"):
-            raise InvalidInputError(f"kv_dtype must be float16, int8 or float32, got {kv_dtype!r}")
+        if store_dtype not in ("float16", "int8", "float32"):
+            raise InvalidInputError(
+                f"store_dtype must be float16, int8 or float32, got {store_dtype!r}"
+            )
         if kv_source not in ("mmap", "ram"):
             raise InvalidInputError(f"kv_source must be 'mmap' or 'ram', got {kv_source!r}")
-        if readout_tokens not in ("all", "query", "last"):
-            raise InvalidInputError("readout_tokens must be 'all', 'query' or 'last'")
-        if ssmax_count not in ("tokens", "docs"):
-            raise InvalidInputError("ssmax_count must be 'tokens' or 'docs'")
         if int(max_doc_tokens) < 8:
             raise InvalidInputError(f"max_doc_tokens must be >= 8, got {max_doc_tokens}")
         if kv_storage not in KV_STORAGES:
             raise InvalidInputError(f"kv_storage must be one of {KV_STORAGES}, got {kv_storage!r}")
-        if kv_storage == "routing" and route_layer is None:
-            raise InvalidInputError(
-                "kv_storage='routing' stores keys up to the routing layer: pass route_layer=r"
-            )
-        if kv_storage == "routing" and route_before_attend is False:
-            raise InvalidInputError(
-                "kv_storage='routing' routes before the routing layer's attention (its values "
-                "are not stored): route_before_attend cannot be False"
-            )
-        if int(recompute_cache_docs) < 0:
-            raise InvalidInputError(
-                f"recompute_cache_docs must be >= 0, got {recompute_cache_docs}"
-            )
         model = DEFAULT_MODEL if model is None else model
         self.model_name = model  # recorded resolved: a later default never reopens this store
         self.gguf_file = gguf_file
@@ -182,45 +205,36 @@ class InContextRetriever(StoreRetriever):
         self.kv_layers = L if kv_layers is None else int(kv_layers)
         if not 1 <= self.kv_layers <= L:
             raise InvalidInputError(f"kv_layers must be in [1, {L}], got {kv_layers}")
-        if scoring == "codes" and self.kv_layers != L:
-            raise InvalidInputError("scoring='codes' needs every layer: leave kv_layers unset")
         self.max_doc_tokens = int(max_doc_tokens)
         self.max_query_tokens = int(max_query_tokens)
         self.code_digits = int(code_digits)
-        self.kv_dtype, self.kv_source = kv_dtype, kv_source
-        self.scoring = scoring
-        self.readout_layers = (
-            list(range(self.kv_layers))
-            if readout_layers is None
-            else [int(x) for x in readout_layers]
-        )
-        if any(not 0 <= x < self.kv_layers for x in self.readout_layers):
-            raise InvalidInputError(f"readout_layers must lie in [0, {self.kv_layers})")
-        self.readout_heads = None if readout_heads is None else [int(x) for x in readout_heads]
-        self.readout_tokens = readout_tokens
-        self.calibrate = bool(calibrate)
-        self.ssmax_arg = ssmax if isinstance(ssmax, str | float | int | type(None)) else list(ssmax)
-        self.ssmax_count, self.ssmax_reference = ssmax_count, int(ssmax_reference)
-        self.ssmax = self._resolve_ssmax(ssmax)
-        if route_layer is not None and not 0 <= int(route_layer) < self.kv_layers:
-            raise InvalidInputError(f"route_layer must lie in [0, {self.kv_layers})")
-        self.route_layer = None if route_layer is None else int(route_layer)
-        self.route_top = int(route_top)
+        self.store_dtype, self.kv_source = store_dtype, kv_source
         self.kv_storage = kv_storage
-        self.route_before_attend = kv_storage == "routing" or bool(route_before_attend)
-        self._block_cache = BlockCache(int(recompute_cache_docs))
-        self.num_beams = int(num_beams)
-        self.block_docs = int(block_docs)
-        if attention_backend not in BACKENDS:
-            raise InvalidInputError(
-                f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}"
+        self._block_cache = BlockCache(0)
+        self._null_cache: dict[str, tuple[QueryResult, dict[int, Any]]] = {}
+        self._set_search_options(
+            InContextSearchOptions(
+                scoring=scoring,
+                readout_layers=None if readout_layers is None else list(readout_layers),
+                readout_heads=None if readout_heads is None else list(readout_heads),
+                readout_tokens=readout_tokens,
+                calibrate=calibrate,
+                ssmax=ssmax if isinstance(ssmax, str | float | int | type(None)) else list(ssmax),
+                ssmax_count=ssmax_count,
+                ssmax_reference=ssmax_reference,
+                route_layer=route_layer,
+                route_top=route_top,
+                route_before_attend=route_before_attend,
+                recompute_cache_docs=recompute_cache_docs,
+                num_beams=num_beams,
+                block_docs=block_docs,
+                attention_backend=attention_backend,
             )
-        self.attention_backend = attention_backend
+        )
         self.prefill_batch = int(prefill_batch)
         self.format = PromptFormat(self.tokenizer, self.code_digits)
         self.format.block(0, [], self.max_doc_tokens)  # fails now if the markers leave no room
         self._corpus: Any = None
-        self._null_cache: dict[str, tuple[QueryResult, dict[int, Any]]] = {}
         self.truncated_ids: list[str] = []
         self._pending_codes: list[int] = []
         super().__init__(
@@ -231,16 +245,12 @@ class InContextRetriever(StoreRetriever):
             show_progress=show_progress,
         )
 
-    def _resolve_ssmax(self, ssmax: Any) -> list[float | None] | None:
+    def _resolve_ssmax(self, ssmax: Any, reference: int) -> list[float | None] | None:
         L = self.arch.num_layers
         if ssmax is None:
             return None
         if isinstance(ssmax, str):
-            if ssmax != "auto":
-                raise InvalidInputError(
-                    f"ssmax must be a float, a per-layer list or 'auto', got {ssmax!r}"
-                )
-            return default_ssmax(L, self.ssmax_reference)
+            return default_ssmax(L, reference)
         if isinstance(ssmax, float | int):
             return [float(ssmax)] * L
         values = [None if s is None else float(s) for s in ssmax]
@@ -248,86 +258,55 @@ class InContextRetriever(StoreRetriever):
             raise InvalidInputError(f"ssmax needs one value per layer ({L}), got {len(values)}")
         return values
 
-    _QUERY_OPTIONS = (
-        "scoring",
-        "readout_layers",
-        "readout_heads",
-        "readout_tokens",
-        "calibrate",
-        "ssmax",
-        "ssmax_count",
-        "ssmax_reference",
-        "route_layer",
-        "route_top",
-        "route_before_attend",
-        "recompute_cache_docs",
-        "num_beams",
-        "block_docs",
-        "attention_backend",
-    )
-
-    def configure(self, **options: Any) -> None:
-        """Change query-time options (scoring, readout, scalable softmax, routing) without
-        touching the index; unknown or index-defining options raise `InvalidInputError`."""
-        bad = sorted(set(options) - set(self._QUERY_OPTIONS))
-        if bad:
-            raise InvalidInputError(
-                f"not query-time options: {bad}; allowed: {self._QUERY_OPTIONS}"
-            )
-        if options.get("scoring", self.scoring) not in SCORINGS:
-            raise InvalidInputError(f"scoring must be one of {SCORINGS}")
-        if options.get("attention_backend", self.attention_backend) not in BACKENDS:
-            raise InvalidInputError(f"attention_backend must be one of {BACKENDS}")
+    def _check_search_options(self, options: Any) -> None:
+        o: InContextSearchOptions = options
+        if o.scoring == "codes" and self.kv_layers != self.arch.num_layers:
+            raise InvalidInputError("scoring='codes' needs every layer: leave kv_layers unset")
+        if o.readout_layers is not None and any(
+            not 0 <= int(x) < self.kv_layers for x in o.readout_layers
+        ):
+            raise InvalidInputError(f"readout_layers must lie in [0, {self.kv_layers})")
+        if o.route_layer is not None and not 0 <= int(o.route_layer) < self.kv_layers:
+            raise InvalidInputError(f"route_layer must lie in [0, {self.kv_layers})")
+        self._resolve_ssmax(o.ssmax, o.ssmax_reference)  # a per-layer list of the wrong length
         if self.kv_storage == "routing":
-            if "route_layer" in options and options["route_layer"] != self.route_layer:
+            if o.route_layer is None:
+                raise InvalidInputError(
+                    "kv_storage='routing' stores keys up to the routing layer: pass route_layer=r"
+                )
+            current = getattr(self, "search_options", None)
+            if current is not None and o.route_layer != current.route_layer:  # type: ignore[attr-defined]
                 raise InvalidInputError(
                     f"route_layer is index-defining with kv_storage='routing' (the store holds "
-                    f"keys up to layer {self.route_layer}); build another index to change it"
+                    f"keys up to layer {current.route_layer}); build another index to change it"  # type: ignore[attr-defined]
                 )
-            if options.get("route_before_attend", True) is False:
+            if o.route_before_attend is False:
                 raise InvalidInputError(
-                    "kv_storage='routing' cannot attend before routing (values of the routing "
-                    "layer are not stored): route_before_attend must stay True"
+                    "kv_storage='routing' routes before the routing layer's attention (its values "
+                    "are not stored): route_before_attend cannot be False"
                 )
-        if int(options.get("recompute_cache_docs", 0)) < 0:
-            raise InvalidInputError("recompute_cache_docs must be >= 0")
-        if "route_before_attend" in options:
-            self.route_before_attend = bool(options["route_before_attend"])
-        if "recompute_cache_docs" in options:
-            self._block_cache.capacity = int(options["recompute_cache_docs"])
-        for key in (
-            "ssmax_count",
-            "ssmax_reference",
-            "route_top",
-            "num_beams",
-            "block_docs",
-            "attention_backend",
-            "readout_tokens",
-            "calibrate",
-            "scoring",
-        ):
-            if key in options:
-                setattr(self, key, options[key])
-        if "readout_layers" in options:
-            rl = options["readout_layers"]
-            self.readout_layers = (
-                list(range(self.kv_layers)) if rl is None else [int(x) for x in rl]
-            )
-        if "readout_heads" in options:
-            rh = options["readout_heads"]
-            self.readout_heads = None if rh is None else [int(x) for x in rh]
-        if "route_layer" in options:
-            rl = options["route_layer"]
-            if rl is not None and not 0 <= int(rl) < self.kv_layers:
-                raise InvalidInputError(f"route_layer must lie in [0, {self.kv_layers})")
-            self.route_layer = None if rl is None else int(rl)
-        if "ssmax" in options or "ssmax_reference" in options:
-            sm = options.get("ssmax", self.ssmax_arg)
-            self.ssmax_arg = sm if isinstance(sm, str | float | int | type(None)) else list(sm)
-            self.ssmax = self._resolve_ssmax(sm)
+
+    def _apply_search_options(self, options: Any) -> None:
+        super()._apply_search_options(options)
+        o: InContextSearchOptions = options
+        self.readout_layers = (
+            list(range(self.kv_layers))
+            if o.readout_layers is None
+            else [int(x) for x in o.readout_layers]
+        )
+        self.readout_heads = None if o.readout_heads is None else [int(x) for x in o.readout_heads]
+        self.route_layer = None if o.route_layer is None else int(o.route_layer)
+        self.route_before_attend = self.kv_storage == "routing" or bool(o.route_before_attend)
+        self.ssmax = self._resolve_ssmax(o.ssmax, o.ssmax_reference)
+        self._block_cache.capacity = int(o.recompute_cache_docs)
         self._null_cache.clear()
 
     # ------------------------------------------------------------------ hooks
+    def _model_chunk_size(self) -> int:
+        """Text tokens one block holds next to its code markers."""
+        _, start, end, _ = self.format.block(0, [0] * self.max_doc_tokens, self.max_doc_tokens)
+        return end - start
+
     def _spanner(self) -> Spanner:
         return tokenizer_spans(self.tokenizer)
 
@@ -342,7 +321,7 @@ class InContextRetriever(StoreRetriever):
         ad = self.arch
         k_layers, v_layers = self._stored_layers()
         heads = (ad.num_kv_heads, ad.head_dim)
-        store_dtype = "int8" if self.kv_dtype == "int8" else self.kv_dtype
+        store_dtype = self.store_dtype
         specs = {
             "ids": TensorSpec("varlen", "int32", ()),
             "k": TensorSpec("varlen", store_dtype, (k_layers, *heads)),
@@ -351,7 +330,7 @@ class InContextRetriever(StoreRetriever):
         }
         if v_layers:
             specs["v"] = TensorSpec("varlen", store_dtype, (v_layers, *heads))
-        if self.kv_dtype == "int8":
+        if self.store_dtype == "int8":
             specs["k_scale"] = TensorSpec("varlen", "float16", (k_layers, heads[0]))
             if v_layers:
                 specs["v_scale"] = TensorSpec("varlen", "float16", (v_layers, heads[0]))
@@ -360,7 +339,7 @@ class InContextRetriever(StoreRetriever):
     def _fingerprint(self) -> str:
         recipe = (
             f"incontext|format=v{FORMAT_VERSION}|max_doc_tokens={self.max_doc_tokens}|"
-            f"digits={self.code_digits}|kv={self.kv_dtype}|layers={self.kv_layers}"
+            f"digits={self.code_digits}|kv={self.store_dtype}|layers={self.kv_layers}"
         )
         if self.kv_storage == "routing":  # full stores keep their existing fingerprints
             recipe += f"|storage=routing@{self.route_layer}"
@@ -377,25 +356,10 @@ class InContextRetriever(StoreRetriever):
             "max_doc_tokens": self.max_doc_tokens,
             "max_query_tokens": self.max_query_tokens,
             "code_digits": self.code_digits,
-            "kv_dtype": self.kv_dtype,
+            "store_dtype": self.store_dtype,
             "kv_layers": self.kv_layers,
             "kv_source": self.kv_source,
             "kv_storage": self.kv_storage,
-            "scoring": self.scoring,
-            "readout_layers": self.readout_layers,
-            "readout_heads": self.readout_heads,
-            "readout_tokens": self.readout_tokens,
-            "calibrate": self.calibrate,
-            "ssmax": self.ssmax_arg,
-            "ssmax_count": self.ssmax_count,
-            "ssmax_reference": self.ssmax_reference,
-            "route_layer": self.route_layer,
-            "route_top": self.route_top,
-            "route_before_attend": self.route_before_attend,
-            "recompute_cache_docs": self._block_cache.capacity,
-            "num_beams": self.num_beams,
-            "block_docs": self.block_docs,
-            "attention_backend": self.attention_backend,
             "prefill_batch": self.prefill_batch,
         }
 
@@ -452,9 +416,9 @@ class InContextRetriever(StoreRetriever):
             "span": torch.tensor([[b[1], b[2]] for b in blocks], dtype=torch.int32),
         }
         for i, name in enumerate(("k", "v") if v_layers else ("k",)):
-            stored = [to_storage(pair[i].cpu(), self.kv_dtype) for pair in kv]
+            stored = [to_storage(pair[i].cpu(), self.store_dtype) for pair in kv]
             out[name] = [x for x, _ in stored]
-            if self.kv_dtype == "int8":
+            if self.store_dtype == "int8":
                 out[f"{name}_scale"] = [sc for _, sc in stored]
         return out
 
@@ -474,7 +438,7 @@ class InContextRetriever(StoreRetriever):
     def corpus(self) -> Any:
         """Stored blocks in query-pass form (all store rows; candidates are chosen per query)."""
         if self._corpus is None:
-            int8 = self.kv_dtype == "int8"
+            int8 = self.store_dtype == "int8"
             has_v = self._stored_layers()[1] > 0
             if self.kv_source == "mmap":
                 self._corpus = StoreKV(self.store, int8)
@@ -492,7 +456,7 @@ class InContextRetriever(StoreRetriever):
                     lambda rows: [t.tolist() for t in self.store.varlen("ids", rows)],
                     route_layer=int(self.route_layer),  # type: ignore[arg-type]
                     num_layers=self.kv_layers,
-                    kv_dtype=self.kv_dtype,
+                    kv_dtype=self.store_dtype,
                     cache=self._block_cache,
                     prefill_batch=self.prefill_batch,
                 )
@@ -507,21 +471,15 @@ class InContextRetriever(StoreRetriever):
             out.append(self.tokenizer.decode(ids[s:e].tolist()).strip())
         return out
 
-    def bytes_per_document(self) -> dict[str, float]:
-        """Measured bytes per stored block (rows on disk, deleted ones included until `compact`),
-        for whichever `kv_storage` the store uses: `stored` = all shard bytes (ids, code, span,
-        KV, offsets, headers); `kv` = the key/value tensors and int8 scales alone; `tokens` =
-        mean block length."""
-        n = self.store.num_rows
-        if not n:
-            return {"stored": 0.0, "kv": 0.0, "tokens": 0.0}
+    def _byte_parts(self) -> dict[str, float]:
+        """`kv` = the key/value tensors and int8 scales, for whichever `kv_storage` the store
+        uses; `tokens` = mean block length (a row is one block)."""
         kv = sum(
             self.store.tensor_nbytes(name)
             for name in ("k", "v", "k_scale", "v_scale")
             if name in self.store.specs
         )
-        tokens = float(self.store.varlen_lengths("ids").float().mean())
-        return {"stored": self.store.shard_nbytes() / n, "kv": kv / n, "tokens": tokens}
+        return {"kv": float(kv), "tokens": float(self.store.varlen_lengths("ids").float().mean())}
 
     def _query_ids(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids, s, e, cut = self.format.query(text, self.max_query_tokens)

@@ -17,15 +17,15 @@ corpora FAISS over pooled vectors proposes candidates per layer; the final score
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
 import torch
 
-from ...chunking import Spanner, tokenizer_spans
+from ...chunking import Spanner, special_token_count, tokenizer_spans
 from ...errors import InvalidInputError, NotTrainedError
 from ...models import (
     VectorIndex,
@@ -49,7 +49,8 @@ from ...models.quant import dequantize_int8, quantize_int8
 from ...store import TensorSpec
 from ...training import FitReport
 from ...types import Chunk
-from ..base import Ranked, StoreRetriever
+from ..base import MODEL_LIMIT, Ranked, StoreRetriever
+from ..options import SearchOptions, check_choice, check_int
 from .head import AUX_NAME, RetrievalHead
 from .qwk import Folded, QueryTap, key_rnorm, topk_pooled
 from .train import IntraFitConfig
@@ -71,7 +72,6 @@ def default_model() -> str:
 
 
 _RECIPE_VERSION = 1
-_MODES = ("intra", "encoder")
 STORE_DTYPES = ("float16", "bfloat16", "float32", "int8")
 POOLED_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -79,6 +79,31 @@ POOLED_DTYPES = ("float16", "bfloat16", "float32")
 #: decoder positions whose cross-attention queries score chunks: the m retrieval tokens alone
 #: (the paper's Eq. 3), or the query's own tokens as well (ColBERT-style query MaxSim)
 QUERY_POSITIONS = ("retrieval", "query+retrieval")
+MODES = ("intra", "encoder")
+
+
+@dataclass(frozen=True)
+class IntraSearchOptions(SearchOptions):
+    """INTRA's query-time options. `mode`: full INTRA, or ``"encoder"`` (the C0 stage alone);
+    `k0`: initial-context size (0: C0 is empty); `query_positions`: whose cross-attention queries
+    score chunks; from `ann_threshold` live chunks FAISS proposes candidates (`ann_k` pooled
+    neighbours per query vector, IVF `ann_nprobe`, at most `ann_rerank` rows rescored exactly)."""
+
+    mode: str = "intra"
+    k0: int = 4
+    query_positions: str = "retrieval"
+    ann_threshold: int = 50_000
+    ann_k: int = 32
+    ann_nprobe: int = 16
+    ann_rerank: int = 2048
+
+    def validate(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("query_positions", self.query_positions, QUERY_POSITIONS)
+        check_int("k0", self.k0, 0)
+        check_int("ann_threshold", self.ann_threshold, 0)
+        for name in ("ann_k", "ann_nprobe", "ann_rerank"):
+            check_int(name, getattr(self, name), 1)
 
 
 class IntraRetriever(StoreRetriever):
@@ -102,6 +127,7 @@ class IntraRetriever(StoreRetriever):
     """
 
     name = "intra"
+    search_options_class = IntraSearchOptions
     fit_config = IntraFitConfig
 
     def __init__(
@@ -129,7 +155,7 @@ class IntraRetriever(StoreRetriever):
         pooled_dtype: str | None = None,
         head: str | None = None,
         path: str | PathLike[str] | None = None,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = MODEL_LIMIT,
         chunk_overlap: int = 32,
         index_batch_size: int = 256,
         show_progress: bool = True,
@@ -138,18 +164,19 @@ class IntraRetriever(StoreRetriever):
             raise InvalidInputError(
                 f"store_dtype must be float16, bfloat16, float32 or int8, got {store_dtype!r}"
             )
-        if mode not in _MODES:
-            raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
-        for nm, v, lo in (
-            ("retrieval_tokens", retrieval_tokens, 1),
-            ("pooled", pooled, 1),
-            ("k0", k0, 0),
-            ("ann_k", ann_k, 1),
-            ("ann_nprobe", ann_nprobe, 1),
-            ("ann_rerank", ann_rerank, 1),
-        ):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise InvalidInputError(f"{nm} must be an int >= {lo}, got {v!r}")
+        check_int("retrieval_tokens", retrieval_tokens, 1)
+        check_int("pooled", pooled, 1)
+        self._set_search_options(
+            IntraSearchOptions(
+                mode=mode,
+                k0=k0,
+                query_positions=query_positions,
+                ann_threshold=ann_threshold,
+                ann_k=ann_k,
+                ann_nprobe=ann_nprobe,
+                ann_rerank=ann_rerank,
+            )
+        )
         model = default_model() if model is None else model
         self.model_name = model
         self.device_arg, self.dtype_arg, self.seed = device, dtype, int(seed)
@@ -165,11 +192,6 @@ class IntraRetriever(StoreRetriever):
             raise InvalidInputError(
                 "memory_adapter must be 'generated', 'none' or a path to a safetensors file"
             )
-        if query_positions not in QUERY_POSITIONS:
-            raise InvalidInputError(
-                f"query_positions must be one of {QUERY_POSITIONS}, got {query_positions!r}"
-            )
-        self.query_positions = query_positions
         self.cross_init = cross_init
         self.encoder_attention, self.memory_adapter = encoder_attention, memory_adapter
         self.model, self.tokenizer = self._load(
@@ -182,11 +204,9 @@ class IntraRetriever(StoreRetriever):
         self.layers = self.arch.layers()
         self.n_layers, self.n_heads = len(self.layers), self.layers[0].n_heads
         self.dim = self.arch.memory_dim()
-        self.m, self.p, self.k0, self.mode = retrieval_tokens, pooled, k0, mode
+        self.m, self.p = retrieval_tokens, pooled
         self.store_dtype = store_dtype
         self.batch_size = int(batch_size)
-        self.ann_threshold, self.ann_k = int(ann_threshold), int(ann_k)
-        self.ann_nprobe, self.ann_rerank = ann_nprobe, ann_rerank
         if pooled_dtype is not None and pooled_dtype not in POOLED_DTYPES:
             raise InvalidInputError(
                 f"pooled_dtype must be None, float16, bfloat16 or float32, got {pooled_dtype!r}"
@@ -213,13 +233,9 @@ class IntraRetriever(StoreRetriever):
         self.max_length = int(max_length) if max_length is not None else limit
         self._ann: VectorIndex | None = None
         self.head: RetrievalHead | None = None
-        special = self.tokenizer("x", add_special_tokens=True)["input_ids"]
-        n_special = max(
-            0, len(special) - len(self.tokenizer("x", add_special_tokens=False)["input_ids"])
-        )
         super().__init__(
             path=path,
-            chunk_size=chunk_size if chunk_size is not None else self.max_length - n_special,
+            chunk_size=chunk_size,
             chunk_overlap=chunk_overlap,
             index_batch_size=index_batch_size,
             show_progress=show_progress,
@@ -247,6 +263,9 @@ class IntraRetriever(StoreRetriever):
         )
 
     # ------------------------------------------------------------------ store hooks
+    def _model_chunk_size(self) -> int:
+        return self.max_length - special_token_count(self.tokenizer)
+
     def _spanner(self) -> Spanner:
         return tokenizer_spans(self.tokenizer)
 
@@ -280,8 +299,6 @@ class IntraRetriever(StoreRetriever):
             "model": self.model_name,
             "retrieval_tokens": self.m,
             "pooled": self.p,
-            "k0": self.k0,
-            "mode": self.mode,
             "store_dtype": self.store_dtype,
             "device": self.device_arg,
             "dtype": self.dtype_arg,
@@ -290,12 +307,7 @@ class IntraRetriever(StoreRetriever):
             "seed": self.seed,
             "cross_init": self.cross_init,
             "encoder_attention": self.encoder_attention,
-            "query_positions": self.query_positions,
             "memory_adapter": self.memory_adapter,
-            "ann_threshold": self.ann_threshold,
-            "ann_k": self.ann_k,
-            "ann_nprobe": self.ann_nprobe,
-            "ann_rerank": self.ann_rerank,
             "pooled_dtype": self.pooled_dtype_arg,
             "head": self.head_path,
         }
@@ -495,18 +507,13 @@ class IntraRetriever(StoreRetriever):
         scales = self.store.varlen("states_scale", rows)
         return [dequantize_int8(q, sc[:, 0]) for q, sc in zip(codes, scales, strict=True)]
 
-    def bytes_per_chunk(self) -> dict[str, float]:
-        """Measured bytes per stored row (deleted rows count until `compact`): `states` = token
-        states (+ int8 scales), `pooled` = pooled vectors (+ key-norm factors), `stored` = all
-        shard bytes (offsets and safetensors headers included); `tokens` = mean states length."""
-        n = self.store.num_rows
-        if not n:
-            return {"states": 0.0, "pooled": 0.0, "stored": 0.0, "tokens": 0.0}
+    def _byte_parts(self) -> dict[str, float]:
+        """`states` = token states (+ int8 scales), `pooled` = pooled vectors (+ key-norm
+        factors), `tokens` = mean states length."""
         size = {name: self.store.tensor_nbytes(name) for name in self.store.specs}
         return {
-            "states": (size["states"] + size.get("states_scale", 0)) / n,
-            "pooled": (size["pooled"] + size.get("rnorm", 0)) / n,
-            "stored": self.store.shard_nbytes() / n,
+            "states": size["states"] + size.get("states_scale", 0),
+            "pooled": size["pooled"] + size.get("rnorm", 0),
             "tokens": float(self.store.varlen_lengths("states").float().mean()),
         }
 
@@ -645,14 +652,3 @@ class IntraRetriever(StoreRetriever):
         from .generate import answer
 
         return answer(self, query, k=k, **kwargs)
-
-    @contextlib.contextmanager
-    def using_mode(self, mode: str):
-        """Temporarily switch between ``"intra"`` and ``"encoder"`` (C0 stage alone)."""
-        if mode not in _MODES:
-            raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
-        old, self.mode = self.mode, mode
-        try:
-            yield self
-        finally:
-            self.mode = old
