@@ -30,7 +30,7 @@ def logit_lens(retriever: GenerativeDocidRetriever, query: str, doc_id: str) -> 
             f"explain() traces atomic docids (one output unit per document); this index uses "
             f"{retriever.scheme!r} ids"
         )
-    searchable = retriever._searchable()
+    searchable = retriever.searchable_codes()
     rows = retriever.store.rows_for_ids([doc_id])
     if not rows:
         raise UnknownIdError(f"unknown (or deleted) document id {doc_id!r}")
@@ -70,5 +70,5 @@ def logit_lens(retriever: GenerativeDocidRetriever, query: str, doc_id: str) -> 
 
 
 def _doc_ids(retriever: GenerativeDocidRetriever, codes: list[int]) -> dict[int, str]:
-    rows = [retriever._code_to_row[c] for c in codes]
+    rows = [retriever.row_of_code(c) for c in codes]
     return {c: ch.document_id for c, ch in zip(codes, retriever.store.get(rows), strict=True)}

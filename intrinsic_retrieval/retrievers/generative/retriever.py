@@ -578,7 +578,7 @@ class GenerativeDocidRetriever(StoreRetriever):
         return self.backbone.sequence_loss(texts, targets, self.max_length, cache)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ search
-    def _searchable(self) -> list[int]:
+    def searchable_codes(self) -> list[int]:
         if not self._map.trained:
             raise NotTrainedError(
                 "this generative index has not been trained: call fit() after add() "
@@ -624,7 +624,7 @@ class GenerativeDocidRetriever(StoreRetriever):
         return out
 
     def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
-        searchable = self._searchable()
+        searchable = self.searchable_codes()
         cand = candidates.numpy()
         allowed = [c for c in searchable if bool(cand[self._code_to_row[c]])]
         ranked = self._rank_codes(queries, allowed, k)
@@ -649,6 +649,9 @@ class GenerativeDocidRetriever(StoreRetriever):
         if not rows:
             raise UnknownIdError(f"unknown document id {doc_id!r}")
         return rows[0]
+
+    def row_of_code(self, code: int) -> int:
+        return int(self._code_to_row[code])
 
     def code_of_row(self, row: int) -> int:
         return int(self._row_codes[row])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from ...models.architectures import DecoderOnlyArch
 from ...models.quant import dequantize_int8
 from ...models.quant import quantize_int8 as quantize_int8  # re-exported (moved to models.quant)
 from .blockattn import BatchLogits, attend_batch, masked_logits, maxsim_scores, resolve_backend
+
+if TYPE_CHECKING:
+    from .kv import KVSource
 
 
 def pad_layer(
@@ -81,6 +85,10 @@ class CorpusKV:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def prepare(self, docs: torch.Tensor) -> None:
+        """Every layer is held: nothing to prepare for routed blocks."""
+        return None
 
     @property
     def nbytes(self) -> int:
@@ -151,7 +159,7 @@ def _ssmax_factor(
 
 
 def routing_scores(
-    corpus: CorpusKV,
+    corpus: KVSource,
     layer: int,
     qg: torch.Tensor,
     docs: torch.Tensor,
@@ -180,7 +188,7 @@ def _route(
 
 def query_pass(
     arch: DecoderOnlyArch,
-    corpus: CorpusKV,
+    corpus: KVSource,
     input_ids: torch.Tensor,
     *,
     q_offset: int,
@@ -212,7 +220,7 @@ def query_pass(
     are scored by QK-MaxSim with that layer's *keys only* (no values read) and the routing
     layer's attention itself, like every later layer, covers only the routed documents. This is
     what a routing-keys store (`recompute.RecomputedKV`) can serve; a full store under the same
-    option gives the same result. A corpus with a ``prepare(docs)`` method is told the routed
+    option gives the same result. The corpus is told the routed
     set once per pass."""
     pre_route = route_layer if route_before_attend else None
     if route_before_attend:
@@ -253,9 +261,7 @@ def query_pass(
                 scores = routing_scores(corpus, layer, qg, active, spec_all, block_docs)
                 routed = _route(result, len(corpus), active, scores, route_top)
             active = routed
-            prepare = getattr(corpus, "prepare", None)
-            if prepare is not None:
-                prepare(routed)
+            corpus.prepare(routed)
         n_doc_tok = int(corpus.lengths[active].sum())
         factor = _ssmax_factor(s_l, ssmax_count, n_doc_tok, len(active), past + qi + 1)
 

@@ -26,9 +26,10 @@ from ...training import FitReport
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
 from ..options import SearchOptions, check_choice, check_int
-from .attention import CorpusKV, QueryResult, default_ssmax, pad_layer, query_pass
+from .attention import CorpusKV, QueryResult, default_ssmax, query_pass
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
+from .kv import StoreKV
 from .prefill import prefill_blocks
 from .recompute import BlockCache, RecomputedKV, to_storage
 from .scoring import constrained_beam_search, readout_scores
@@ -72,35 +73,6 @@ class InContextSearchOptions(SearchOptions):
         check_int("ssmax_reference", self.ssmax_reference, 2)
         for name in ("route_top", "num_beams", "block_docs"):
             check_int(name, getattr(self, name), 1)
-
-
-class StoreKV:
-    """`CorpusKV`'s interface read straight from the store's memory-mapped shards, one block
-    batch at a time (nothing corpus-sized is held in RAM)."""
-
-    def __init__(self, store: Any, int8: bool) -> None:
-        self.store, self.int8 = store, int8
-        self.lengths = (
-            store.varlen_lengths("ids") if store.num_rows else torch.empty(0, dtype=torch.long)
-        )
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def _layer(self, name: str, layer: int, docs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        rows = docs.tolist()
-        scales = self.store.varlen(f"{name}_scale", rows) if self.int8 else None
-        return pad_layer(self.store.varlen(name, rows), scales, layer, self.lengths[docs])
-
-    def batch(self, layer: int, docs: torch.Tensor, device: torch.device):
-        k, valid = self._layer("k", layer, docs)
-        v, _ = self._layer("v", layer, docs)
-        return k.to(device), v.to(device), valid.to(device)
-
-    def keys(self, layer: int, docs: torch.Tensor, device: torch.device):
-        """Keys only (routing before attention reads no values)."""
-        k, valid = self._layer("k", layer, docs)
-        return k.to(device), valid.to(device)
 
 
 #: packaged models by name (`make models` fetches them); any other string is a path or hub id

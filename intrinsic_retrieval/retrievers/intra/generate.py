@@ -105,7 +105,7 @@ def answer(
         n = int(candidates.sum())
         if n == 0:
             return Answer("", [], [])
-        r._check_length(query)
+        r.check_length(query)
         qstates = r.query_states(query)
         c0, _ = r.initial_context(qstates, candidates, r.k0)
         with torch.no_grad():
@@ -116,7 +116,7 @@ def answer(
         if reencode:
             texts = [c.text for c in r.store.get(chosen)]
             states = r.encode_states(texts)
-            memory = torch.cat(states, 0).to(device=r.device, dtype=r._model_dtype())[None]
+            memory = torch.cat(states, 0).to(device=r.device, dtype=r.model_dtype())[None]
             mask = torch.ones(memory.shape[:2], dtype=torch.long, device=r.device)
         else:
             memory, mask, _ = r.memory_for(chosen)
@@ -152,6 +152,6 @@ def generate_from_text(
 ) -> tuple[list[int], torch.Tensor | None]:
     """Text-RAG reference: encode `texts` afresh (one pass each) and generate over them."""
     states = r.encode_states(list(texts))
-    memory = torch.cat(states, 0).to(device=r.device, dtype=r._model_dtype())[None]
+    memory = torch.cat(states, 0).to(device=r.device, dtype=r.model_dtype())[None]
     mask = torch.ones(memory.shape[:2], dtype=torch.long, device=r.device)
     return generate(r, query, memory, mask, **kwargs)

@@ -437,7 +437,7 @@ class IntraRetriever(StoreRetriever):
             raise NotTrainedError("the INTRA retrieval head has not been trained; call fit()")
 
     # ------------------------------------------------------------------ query side
-    def _check_length(self, query: str) -> None:
+    def check_length(self, query: str) -> None:
         n = len(self.tokenizer(query, add_special_tokens=True)["input_ids"])
         if n > self.max_length:
             self._warn_truncated("query", n, self.max_length)
@@ -480,12 +480,12 @@ class IntraRetriever(StoreRetriever):
         if not rows:
             mem = torch.zeros((1, 1, self.dim), device=self.device)
             return (
-                mem.to(self._model_dtype()),
+                mem.to(self.model_dtype()),
                 torch.zeros((1, 1), dtype=torch.long, device=self.device),
                 True,
             )
         states = self._read_states(rows, self.device)
-        mem = states.to(dtype=self._model_dtype())[None]
+        mem = states.to(dtype=self.model_dtype())[None]
         return mem, torch.ones(mem.shape[:2], dtype=torch.long, device=self.device), False
 
     def _read_states(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -517,7 +517,7 @@ class IntraRetriever(StoreRetriever):
             "tokens": float(self.store.varlen_lengths("states").float().mean()),
         }
 
-    def _model_dtype(self) -> torch.dtype:
+    def model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
     def retrieval_pass(
@@ -598,7 +598,7 @@ class IntraRetriever(StoreRetriever):
     def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
         out: list[Ranked] = []
         for q in queries:
-            self._check_length(q)
+            self.check_length(q)
             out.append(self._score_one(q, candidates, k))
         return out
 
