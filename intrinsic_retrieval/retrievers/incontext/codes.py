@@ -99,22 +99,3 @@ class PromptFormat:
         cut = len(q) > budget
         q = q[:budget]
         return h + q + t, len(h), len(h) + len(q), cut
-
-
-class CodeTrie:
-    """Valid codes as a digit trie, for constrained decoding."""
-
-    def __init__(self, codes: Iterable[str]) -> None:
-        self.root: dict[str, Any] = {}
-        for c in codes:
-            node = self.root
-            for ch in c:
-                node = node.setdefault(ch, {})
-
-    def next_digits(self, prefix: str) -> list[str]:
-        node = self.root
-        for ch in prefix:
-            node = node.get(ch)
-            if node is None:
-                return []
-        return sorted(node)

@@ -21,6 +21,7 @@ from ...errors import InvalidInputError
 from ...models.architectures import decoder_only_for
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
+from ...models.trie import PrefixTrie
 from ...store import TensorSpec
 from ...training import FitReport
 from ...types import Chunk, Document
@@ -28,7 +29,7 @@ from ..base import Ranked, StoreRetriever
 from ..options import SearchOptions, check_choice, check_int
 from .attention import CorpusKV, QueryResult, default_ssmax, query_pass
 from .blockattn import BACKENDS
-from .codes import FORMAT_VERSION, NULL_QUERY, CodeTrie, PromptFormat, assign_codes
+from .codes import FORMAT_VERSION, NULL_QUERY, PromptFormat, assign_codes
 from .kv import StoreKV
 from .prefill import prefill_blocks
 from .recompute import BlockCache, RecomputedKV, to_storage
@@ -573,7 +574,7 @@ class InContextRetriever(StoreRetriever):
         by_code = {
             self.format.code_str(c): int(r) for c, r in zip(codes, docs.tolist(), strict=True)
         }
-        trie = CodeTrie(by_code)
+        trie = PrefixTrie(([int(ch) for ch in c], int(c)) for c in by_code)
         state = {"cache": res.cache}
 
         def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:

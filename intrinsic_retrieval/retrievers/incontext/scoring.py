@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .codes import CodeTrie
+from ...models.trie import PrefixTrie
 
 Masses = Mapping[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -56,7 +56,7 @@ def readout_scores(
 def constrained_beam_search(
     first_logprobs: torch.Tensor,
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    trie: CodeTrie,
+    trie: PrefixTrie,
     digit_ids: Sequence[int],
     digits: int,
     width: int,
@@ -72,7 +72,7 @@ def constrained_beam_search(
     for pos in range(digits):
         cands: list[tuple[float, str, int]] = []
         for b, (prefix, score) in enumerate(beams):
-            for d in trie.next_digits(prefix):
+            for d in map(str, sorted(trie.next_tokens([int(ch) for ch in prefix]))):
                 cands.append((score + float(lp[b, digit_ids[int(d)]]), prefix + d, b))
         cands.sort(key=lambda c: -c[0])
         cands = cands[:width]
