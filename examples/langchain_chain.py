@@ -97,7 +97,7 @@ def run(name: str) -> None:
     if getattr(retriever.retriever, "trained", True) is False:
         print(
             "   note: untrained retrieval head: zero-shot INTRA ranks at chance on this backbone,"
-            " so the hits below are not expected to be right; fit(queries, positives,"
+            " so the hits below are not expected to be right; fit(queries, qrels,"
             " lora_rank=8) on labeled queries first (docs/intra.md: 0.58 nDCG@10 on SciFact)"
         )
     out = chain.invoke(QUESTIONS[0])
