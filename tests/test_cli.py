@@ -97,7 +97,8 @@ def test_read_corpus_directory(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs(capsys):
-    assert main(["demo", "--retriever", "bm25", "--limit", "200"]) == 0
+    args = ["demo", "--retriever", "bm25,dense", "--docs", "60", "--queries", "5"]
+    assert main([*args, "--train-queries", "5", "--quiet"]) == 0
     assert "query:" in capsys.readouterr().out
 
 

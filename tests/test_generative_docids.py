@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _generative_tiny import one_thread, tiny_model, tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.generative import tiny_model
+from support.tokenizer import tiny_tokenizer
 
 from intrinsic_retrieval.errors import DocidVocabularyError, IdSpaceExhaustedError
 from intrinsic_retrieval.retrievers.generative import (
@@ -18,7 +19,7 @@ from intrinsic_retrieval.retrievers.generative import (
 )
 from intrinsic_retrieval.retrievers.generative.docids import naive_string, tokenize_fn
 
-__all__ = ["one_thread"]  # autouse fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- trie

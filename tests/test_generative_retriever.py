@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
-from _generative_tiny import DOCS, MEMORISE, one_thread, tiny_retriever
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.generative import DOCS, MEMORISE, tiny_retriever
 
 from intrinsic_retrieval.errors import (
     CheckpointMismatchError,
@@ -21,7 +21,7 @@ from intrinsic_retrieval.errors import (
 )
 from intrinsic_retrieval.retrievers.generative import GenerativeDocidRetriever
 
-__all__ = ["one_thread"]  # autouse fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEMES = ["atomic", "naive", "semantic"]
 TEXTS = [d["text"] for d in DOCS]

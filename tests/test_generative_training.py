@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from _generative_tiny import DOCS, MEMORISE, one_thread, tiny_retriever
+from support.generative import DOCS, MEMORISE, tiny_retriever
 
 from intrinsic_retrieval.chunking import word_spans
 from intrinsic_retrieval.errors import CheckpointMismatchError, InvalidInputError
@@ -21,7 +21,7 @@ from intrinsic_retrieval.retrievers.generative.examples import (
     synthetic_examples,
 )
 
-__all__ = ["one_thread"]  # autouse fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LONG = " ".join(f"w{i}" for i in range(200))
 
@@ -205,7 +205,7 @@ def test_frozen_encoder_cache_gives_the_same_losses(kind):
     batch = [Example(d["text"], i, "firstp") for i, d in enumerate(DOCS)]
     with torch.no_grad():
         plain = float(r._loss(batch))
-        r._enc_cache = bb.encode([e.text for e in batch], r.max_input_length)
+        r._enc_cache = bb.encode([e.text for e in batch], r.max_length)
         cached = float(r._loss(batch))
         r._enc_cache = None
     assert cached == pytest.approx(plain, rel=1e-3)
@@ -214,7 +214,8 @@ def test_frozen_encoder_cache_gives_the_same_losses(kind):
 
 
 def test_doc2query_generator_wraps_any_seq2seq_model():
-    from _generative_tiny import tiny_model, tiny_tokenizer
+    from support.generative import tiny_model
+    from support.tokenizer import tiny_tokenizer
 
     from intrinsic_retrieval.retrievers.generative import Doc2QueryGenerator
 

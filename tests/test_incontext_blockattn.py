@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_incontext_equivalence import _blocks, tiny
+from support.decoder import causal_lm, random_blocks
 
 from intrinsic_retrieval.models.architectures import decoder_only_for
 from intrinsic_retrieval.retrievers.incontext.attention import CorpusKV, query_pass
@@ -17,6 +17,8 @@ from intrinsic_retrieval.retrievers.incontext.blockattn import (
     resolve_backend,
 )
 from intrinsic_retrieval.retrievers.incontext.prefill import prefill_blocks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(
@@ -71,9 +73,9 @@ def test_fully_masked_rows_give_zero_output_and_minus_inf() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_query_pass_agrees_across_backends(arch: str) -> None:
-    model = tiny(arch)
+    model = causal_lm(arch)
     ad = decoder_only_for(model)
-    blocks = _blocks(7, seed=5)
+    blocks = random_blocks(7, seed=5)
     ssmax = [0.4] * ad.num_layers
     with torch.no_grad():
         kv = prefill_blocks(ad, blocks, ad.num_layers)

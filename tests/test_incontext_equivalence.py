@@ -4,87 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.decoder import ARCHS, causal_lm, random_blocks
 
 from intrinsic_retrieval.models.architectures import decoder_only_for
 from intrinsic_retrieval.retrievers.incontext.attention import CorpusKV, quantize_int8, query_pass
 from intrinsic_retrieval.retrievers.incontext.prefill import prefill_blocks, prefill_packed
 
-VOCAB = 97
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not thrash a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(arch: str, **extra):
-    from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="eager",
-    )
-    common.update(extra)
-    torch.manual_seed(0)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    elif arch == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
-    else:
-        cfg = Gemma3TextConfig(
-            head_dim=8,
-            sliding_window=10,
-            query_pre_attn_scalar=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            **common,
-        )
-        model = Gemma3ForCausalLM(cfg)
-        with torch.no_grad():  # random (non-zero) norm weights so the sandwich norms matter
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.normal_(0, 0.3)
-    return model.eval()
-
-
-ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
-
-
-def _blocks(n: int = 4, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        torch.randint(
-            0, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g
-        ).tolist()
-        for _ in range(n)
-    ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_block_sparse_prefill_equals_independent_prefill(arch: str) -> None:
-    model = tiny(arch)
+    model = causal_lm(arch)
     ad = decoder_only_for(model)
-    blocks = _blocks()
+    blocks = random_blocks()
     L = ad.num_layers
     with torch.no_grad():
         packed = prefill_packed(ad, blocks, L)
@@ -135,9 +68,9 @@ def _reference_logits(model, blocks, query, q_offset, window=None):
 def test_streaming_query_attention_equals_model_forward(
     arch: str, int8: bool, backend: str
 ) -> None:
-    model = tiny(arch)
+    model = causal_lm(arch)
     ad = decoder_only_for(model)
-    blocks = _blocks(5, seed=2)
+    blocks = random_blocks(5, seed=2)
     query = [5, 17, 33, 2, 8]
     q_offset = 12
     with torch.no_grad():
@@ -172,9 +105,9 @@ def test_streaming_query_attention_equals_model_forward(
 
 
 def test_incremental_decoding_matches_full_pass() -> None:
-    model = tiny("qwen3")
+    model = causal_lm("qwen3")
     ad = decoder_only_for(model)
-    blocks = _blocks(4, seed=3)
+    blocks = random_blocks(4, seed=3)
     with torch.no_grad():
         kv = prefill_blocks(ad, blocks, ad.num_layers)
         corpus = CorpusKV([k for k, _ in kv], [v for _, v in kv])
@@ -196,9 +129,9 @@ def test_incremental_decoding_matches_full_pass() -> None:
 
 
 def test_routing_keeps_top_documents_and_ssmax_changes_scores() -> None:
-    model = tiny("llama")
+    model = causal_lm("llama")
     ad = decoder_only_for(model)
-    blocks = _blocks(6, seed=4)
+    blocks = random_blocks(6, seed=4)
     with torch.no_grad():
         kv = prefill_blocks(ad, blocks, ad.num_layers)
         corpus = CorpusKV([k for k, _ in kv], [v for _, v in kv])
@@ -239,9 +172,9 @@ def _stored(kv, k_layers: int, v_layers: int, kv_dtype: str) -> CorpusKV:
 def test_routing_keys_storage_equals_full_storage(route_layer: int, kv_dtype: str) -> None:
     from intrinsic_retrieval.retrievers.incontext.recompute import BlockCache, RecomputedKV
 
-    model = tiny("llama")
+    model = causal_lm("llama")
     ad = decoder_only_for(model)
-    blocks = _blocks(6, seed=5)
+    blocks = random_blocks(6, seed=5)
     L = ad.num_layers
     with torch.no_grad():
         kv = prefill_blocks(ad, blocks, L)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.decoder import save_causal_lm
 
 from intrinsic_retrieval.errors import (
     EmptyQueryError,
@@ -16,75 +17,17 @@ from intrinsic_retrieval.errors import (
 )
 from intrinsic_retrieval.retrievers.incontext import InContextRetriever
 
-TEXT = (
-    "the quick brown fox jumps over the lazy dog 0123456789 cells protein gene cancer "
-    "vitamin study patients risk mice blood (Doc ) Query: The most relevant document is N/A"
-)
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
-def _save(tmp: Path, arch: str, seed: int) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    tok = _tokenizer()
-    kw = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    if arch == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **kw))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**kw))
-    path = tmp / f"{arch}-{seed}"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not thrash a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
-    return _save(tmp_path_factory.mktemp("models"), "llama", 0)
+    return save_causal_lm(tmp_path_factory.mktemp("models"), "llama", 0)
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_other(tmp_path_factory) -> str:
-    return _save(tmp_path_factory.mktemp("models"), "llama", 1)
+    return save_causal_lm(tmp_path_factory.mktemp("models"), "llama", 1)
 
 
 DOCS = [
@@ -140,7 +83,7 @@ def test_stored_kv_matches_fresh_prefill_and_ram_equals_mmap(
 @pytest.mark.parametrize(
     "opts",
     [
-        {"kv_dtype": "int8"},
+        {"store_dtype": "int8"},
         {"ssmax": "auto"},
         {"ssmax": 0.5, "ssmax_count": "docs"},
         {"route_layer": 1, "route_top": 2},
@@ -307,7 +250,7 @@ def _same_ranking(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> Non
     [
         {"route_layer": 1},
         {"route_layer": 0, "ssmax": "auto", "kv_source": "ram"},
-        {"route_layer": 1, "kv_dtype": "int8", "calibrate": False},
+        {"route_layer": 1, "store_dtype": "int8", "calibrate": False},
         {"route_layer": 1, "scoring": "codes", "num_beams": 3},
     ],
 )
@@ -346,7 +289,7 @@ def test_routing_keys_storage_bytes_roundtrip_and_refusals(tiny_llama: str, tmp_
     part = make(tiny_llama, tmp_path / "part", kv_storage="routing", route_layer=0, route_top=2)
     part.add(DOCS)
     assert set(part.store.specs) == {"ids", "k", "code", "span"}  # r = 0: no values at all
-    fb, pb = full.bytes_per_document(), part.bytes_per_document()
+    fb, pb = full.bytes_per_chunk(), part.bytes_per_chunk()
     assert fb["tokens"] == pb["tokens"]
     assert pb["kv"] * 5 < fb["kv"]  # keys of 1 of 3 layers vs keys and values of 3
     assert pb["stored"] * 3 < fb["stored"]

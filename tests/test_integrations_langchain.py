@@ -20,8 +20,8 @@ from langchain_core.documents import Document
 from langchain_intrinsic_retrieval import IntrinsicRetriever
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 from pydantic import ValidationError
-from support_adapters import WAIT_S, ConcurrencyProbe, ListRetriever
-from test_protocol_conformance import CORPUS, FACTORIES, QUERY, build_filled
+from support.frameworks import WAIT_S, ConcurrencyProbe, ListRetriever
+from support.retrievers import CORPUS, FACTORIES, QUERY, build_filled
 
 from intrinsic_retrieval import (
     EmptyQueryError,
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------- standard test suite
 def _standard_tests(name: str) -> type:
     """A `RetrieversIntegrationTests` subclass for registry retriever `name`, built on the small
-    instance that `test_protocol_conformance.FACTORIES` defines for it."""
+    instance that `support.retrievers.FACTORIES` defines for it."""
     cache: dict[str, Any] = {}
 
     def inner() -> Any:

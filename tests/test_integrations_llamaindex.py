@@ -30,8 +30,8 @@ from llama_index.core.vector_stores.types import (
     MetadataFilters,
 )
 from llama_index.retrievers.intrinsic import IntrinsicRetriever, to_library_filter
-from support_adapters import WAIT_S, ListRetriever
-from test_protocol_conformance import CORPUS, FACTORIES, QUERY, build_filled
+from support.frameworks import WAIT_S, ListRetriever
+from support.retrievers import CORPUS, FACTORIES, QUERY, build_filled
 
 from intrinsic_retrieval import (
     EmptyQueryError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support_intra import ARCHS, EXTRA_ARCHS, build
+from support.intra import ARCHS, EXTRA_ARCHS, build
 
 from intrinsic_retrieval.errors import UnsupportedArchitectureError
 from intrinsic_retrieval.models.architectures import encoder_decoder_for
@@ -17,14 +17,7 @@ from intrinsic_retrieval.retrievers.intra.qwk import (
     score_pooled,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (two spin for ~10 ms per op on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support_intra import gemma3_adapter, save
+from support.intra import gemma3_adapter, save
 
 from intrinsic_retrieval.errors import (
     CheckpointMismatchError,
@@ -32,18 +32,12 @@ DOCS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (two spin for ~10 ms per op on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
-    """Tiny models are saved with the all-MiniLM-L6-v2 tokenizer (skipped when it is absent)."""
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny models are saved (with the tiny tokenizer), once per module."""
     return tmp_path_factory.mktemp("intra-models")
 
 
@@ -133,7 +127,7 @@ def test_encoder_mode_and_ann_candidates(models: Path, tmp_path: Path) -> None:
     r = make(models, tmp_path, "t5")
     r.add(DOCS)
     exact = [h.chunk_id for h in r.search("river ecology", k=5)]
-    with r.using_mode("encoder"):
+    with r.using(mode="encoder"):
         enc = r.search("river ecology", k=5)
     assert len(enc) == 5 and enc[0].score >= enc[-1].score
     # FAISS candidates per layer + exact rescoring: with enough neighbours, identical results
@@ -422,7 +416,7 @@ def test_int8_store_searches_and_answers_like_float16(models: Path, tmp_path: Pa
     r.add(DOCS)
     for q in ("solar panels", "jazz", "river ecology"):
         # the encoder stage reads only pooled vectors (same in both stores): the same ranking
-        with r.using_mode("encoder"), half.using_mode("encoder"):
+        with r.using(mode="encoder"), half.using(mode="encoder"):
             enc8, enc16 = r.search(q, k=15), half.search(q, k=15)
         assert [h.chunk_id for h in enc8] == [h.chunk_id for h in enc16]
         assert [h.score for h in enc8] == pytest.approx([h.score for h in enc16], rel=1e-6)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support_models import tiny_bert, tiny_llama, tiny_t5, tiny_tokenizer
+from support.models import tiny_bert, tiny_llama, tiny_t5
+from support.tokenizer import tiny_tokenizer
 
 from intrinsic_retrieval.errors import InvalidInputError
 from intrinsic_retrieval.models import (

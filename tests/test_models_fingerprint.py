@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support_models import WORDS, save, tiny_bert, tiny_tokenizer
+from support.models import save, tiny_bert
+from support.tokenizer import VOCAB_SIZE, tiny_tokenizer
 
 from intrinsic_retrieval.models import (
     combine_fingerprints,
@@ -70,7 +71,7 @@ def test_tokenizer_fingerprint():
     assert fa == tokenizer_fingerprint(b)
     a(["hello world"] * 2, truncation=True, max_length=3, padding="max_length")
     assert tokenizer_fingerprint(a) == fa  # call-time truncation/padding state is ignored
-    other = tiny_tokenizer([*WORDS[:-1], "!"])
+    other = tiny_tokenizer(VOCAB_SIZE - 1)  # one merge fewer: another vocabulary
     assert tokenizer_fingerprint(other) != fa
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support_models import save, tiny_bert, tiny_llama, tiny_t5
+from support.models import save, tiny_bert, tiny_llama, tiny_t5
 
 from intrinsic_retrieval.errors import InvalidInputError, ModelLoadError
 from intrinsic_retrieval.models import (

@@ -78,7 +78,7 @@ def test_cli_lists_and_reports_errors(toy, capsys: pytest.CaptureFixture[str]) -
     assert packaged.main(["list"]) == 0
     assert "toy" in capsys.readouterr().out
     toy["sha"] = "1" * 64
-    assert packaged.main(["fetch", "toy"]) == 1
+    assert packaged.main(["fetch", "toy"]) == 2  # a typed error, like every CLI user error
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
     assert packaged.main(["bogus"]) == 2

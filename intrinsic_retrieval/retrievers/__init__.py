@@ -5,6 +5,7 @@ Classes are imported lazily so that `import intrinsic_retrieval` does not load e
 
 from __future__ import annotations
 
+import inspect
 from importlib import import_module
 from os import PathLike
 from typing import TYPE_CHECKING, Any
@@ -36,8 +37,21 @@ def retriever_class(name: str) -> type[StoreRetriever]:
 
 
 def create_retriever(name: str, **kwargs: Any) -> StoreRetriever:
-    """Build a retriever by registry name, e.g. ``create_retriever("dense", path="idx")``."""
-    return retriever_class(name)(**kwargs)
+    """Build a retriever by registry name, e.g. ``create_retriever("dense", path="idx")``; an
+    option the retriever does not take is an `InvalidInputError` naming the ones it does."""
+    cls = retriever_class(name)
+    known = {
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise InvalidInputError(
+            f"the {name} retriever has no option {', '.join(unknown)}; options: "
+            f"{', '.join(sorted(known))}"
+        )
+    return cls(**kwargs)
 
 
 def load_retriever(path: str | PathLike[str], **overrides: Any) -> StoreRetriever:

@@ -250,9 +250,10 @@ class StoreRetriever(abc.ABC):
         return out
 
     def bytes_per_document(self) -> float:
-        """Measured shard bytes per stored document (deleted ones count until `compact`)."""
+        """Everything the index keeps on disk (shards, SQLite, trained state such as a DSI
+        model or an INTRA head) per stored document; deleted ones count until `compact`."""
         docs = {c.document_id for _, c in self._store.iter_chunks(live_only=False)}
-        return self._store.shard_nbytes() / len(docs) if docs else 0.0
+        return self._store.nbytes() / len(docs) if docs else 0.0
 
     @property
     def fingerprint(self) -> str:

@@ -1,4 +1,5 @@
-"""Tiny random encoder-decoders (one per INTRA adapter) sharing the all-MiniLM-L6-v2 tokenizer."""
+"""Tiny random encoder-decoders (one per INTRA architecture) and a tiny Gemma 3 to build a
+T5Gemma2 from, saved with the tiny tokenizer (no downloads)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 30522  # bert-base-uncased WordPiece, as shipped with all-MiniLM-L6-v2
+from .tokenizer import BOS, EOS, PAD, tiny_tokenizer
+
+#: model vocabulary: the tiny tokenizer uses its first ids; T5Gemma2's image tokens are 30000-30002
+VOCAB = 30522
 ARCHS = ("t5", "bart", "t5gemma", "t5gemma2", "t5gemma2-gemma3", "bert2bert")
-#: further classes served by the same adapters (equivalence-tested only)
+#: further model classes with the same layouts (equivalence-tested only)
 EXTRA_ARCHS = ("mt5", "umt5", "mbart")
 
 
@@ -29,9 +33,9 @@ def gemma3(seed: int = 0) -> torch.nn.Module:
         sliding_window=6,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=101,
-        eos_token_id=102,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
     )
     m = T.Gemma3ForCausalLM(cfg)
     with torch.no_grad():
@@ -64,9 +68,9 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             num_layers=2,
             num_decoder_layers=2,
             num_heads=4,
-            decoder_start_token_id=101,
-            pad_token_id=0,
-            eos_token_id=102,
+            decoder_start_token_id=BOS,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
         )
         m = T.T5ForConditionalGeneration(c)
     elif arch == "bart":
@@ -80,10 +84,10 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             encoder_ffn_dim=64,
             decoder_ffn_dim=64,
             max_position_embeddings=128,
-            pad_token_id=0,
-            bos_token_id=101,
-            eos_token_id=102,
-            decoder_start_token_id=101,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            decoder_start_token_id=BOS,
             forced_eos_token_id=None,
         )
         m = T.BartForConditionalGeneration(c)
@@ -99,17 +103,17 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             query_pre_attn_scalar=8,
             sliding_window=16,
             attn_logit_softcapping=50.0,
-            pad_token_id=0,
-            bos_token_id=101,
-            eos_token_id=102,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
         )
         c = T.T5GemmaConfig(
             encoder=mc,
             decoder=mc,
-            pad_token_id=0,
-            bos_token_id=101,
-            eos_token_id=102,
-            decoder_start_token_id=101,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            decoder_start_token_id=BOS,
         )
         m = T.T5GemmaForConditionalGeneration(c)
     elif arch == "t5gemma2":
@@ -123,9 +127,9 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             head_dim=8,
             query_pre_attn_scalar=8,
             sliding_window=16,
-            pad_token_id=0,
-            bos_token_id=101,
-            eos_token_id=102,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
         )
         from intrinsic_retrieval.models.t5gemma2 import TINY_VISION
 
@@ -164,9 +168,9 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
                 d_ff=64,
                 num_layers=2,
                 num_heads=4,
-                decoder_start_token_id=101,
-                pad_token_id=0,
-                eos_token_id=102,
+                decoder_start_token_id=BOS,
+                pad_token_id=PAD,
+                eos_token_id=EOS,
             )
         )
     elif arch == "mbart":
@@ -180,8 +184,8 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             encoder_ffn_dim=64,
             decoder_ffn_dim=64,
             max_position_embeddings=128,
-            pad_token_id=0,
-            decoder_start_token_id=101,
+            pad_token_id=PAD,
+            decoder_start_token_id=BOS,
         )
         m = T.MBartForConditionalGeneration(c)
     elif arch == "bert2bert":
@@ -202,32 +206,24 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             add_cross_attention=True,
         )
         c = T.EncoderDecoderConfig.from_encoder_decoder_configs(ec, dc)
-        c.decoder_start_token_id = 101
-        c.pad_token_id = 0
-        c.eos_token_id = 102
+        c.decoder_start_token_id = BOS
+        c.pad_token_id = PAD
+        c.eos_token_id = EOS
         m = T.EncoderDecoderModel(config=c)
     else:
         raise ValueError(arch)
     return m.eval()
 
 
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from intrinsic_retrieval.models import default_dense_model_path
-
-    return AutoTokenizer.from_pretrained(default_dense_model_path())
-
-
 def save(arch: str, root: Path, seed: int = 0) -> str:
-    """Save the tiny model with the MiniLM tokenizer; returns the directory (for the T5Gemma2
+    """Save the tiny model with the tiny tokenizer; returns the directory (for the T5Gemma2
     built from Gemma 3, the `t5gemma2:<gemma 3 directory>` model spec)."""
     if arch == "t5gemma2-gemma3":
         return "t5gemma2:" + save_gemma3(root, seed)
     path = root / f"tiny-{arch}-{seed}"
     if not (path / "config.json").exists():
         build(arch, seed).save_pretrained(path)
-        tokenizer().save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -235,7 +231,7 @@ def save_gemma3(root: Path, seed: int = 0) -> str:
     path = root / f"tiny-gemma3-{seed}"
     if not (path / "config.json").exists():
         gemma3(seed).save_pretrained(path)
-        tokenizer().save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -253,7 +249,7 @@ def gemma3_adapter(root: Path, seed: int = 0) -> str:
         causal = gemma3(seed)
         model = build_t5gemma2(causal, encoder="causal")
         texts = [f"document {i} about topic {i % 5} and its {i * 7} findings" for i in range(40)]
-        stats = fit_memory_adapters(model, tokenizer(), texts, show_progress=False)
+        stats = fit_memory_adapters(model, tiny_tokenizer(), texts, show_progress=False)
         save_memory_adapters(
             model, path, {"base": model_fingerprint(causal), "encoder": "causal", **stats}
         )

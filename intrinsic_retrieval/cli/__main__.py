@@ -1,0 +1,5 @@
+"""``python -m intrinsic_retrieval.cli``."""
+
+from . import main
+
+raise SystemExit(main())

