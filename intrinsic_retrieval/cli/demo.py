@@ -27,10 +27,10 @@ def contenders(args: argparse.Namespace) -> list[Any]:
     from ..eval.compare import Contender
     from ..retrievers import create_retriever
 
-    quiet = {"show_progress": False}
+    progress = {"show_progress": not args.quiet}  # bars for indexing and training
 
     def make(name: str, **kw: Any) -> Callable[[], Any]:
-        return lambda: create_retriever(name, **quiet, **kw)
+        return lambda: create_retriever(name, **progress, **kw)
 
     return [
         Contender("bm25", make("bm25")),
@@ -39,7 +39,7 @@ def contenders(args: argparse.Namespace) -> list[Any]:
             "intra",
             make("intra"),
             fit_options={
-                **quiet,
+                **progress,
                 "lora_rank": 8,
                 "epochs": args.intra_epochs,
                 "time_limit_s": args.budget_s,
@@ -50,7 +50,7 @@ def contenders(args: argparse.Namespace) -> list[Any]:
             "generative",
             make("generative"),
             fit_options={
-                **quiet,
+                **progress,
                 "inputs": ("firstp", "daq", "labeled"),
                 "epochs": 100.0,
                 "time_limit_s": args.budget_s,
