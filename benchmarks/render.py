@@ -9,6 +9,7 @@ Each result file holds {"name", "command", "machine", "tables": [{"title", "colu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,6 +25,8 @@ tables or machines.
 
 
 def _cell(v: object) -> str:
+    if v is None:
+        return "–"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
@@ -48,6 +51,9 @@ def render(results_dir: Path = HERE / "results") -> str:
         parts.append(f"- command: `{data['command']}`")
         parts.append(f"- machine: {_machine(data.get('machine', {}))}")
         parts.append(f"- raw results: `benchmarks/results/{path.name}`\n")
+        for image in data.get("images", []):  # repository-relative paths of pictures
+            rel = os.path.relpath(HERE.parent / image, OUT.parent)
+            parts.append(f"![{data.get('title', data['name'])}]({rel})\n")
         for table in data["tables"]:
             parts.append(f"### {table['title']}\n")
             cols = table["columns"]

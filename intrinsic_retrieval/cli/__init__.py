@@ -92,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--subset", default=None, help="corpus sizes (positives + random documents), e.g. 250,1000"
     )
+    s.add_argument("--queries", type=int, default=None, help="evaluate N random judged queries")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-k", type=int, default=100, help="documents retrieved per query")
     s.add_argument("--batch-size", type=int, default=1, help="queries per search_batch call")
     s.add_argument("--measures", default="nDCG@10,R@10,R@100,RR@10")
     s.add_argument("--option", action="append", help='per-retriever options as name={"key": value}')
+    s.add_argument(
+        "--fit-option", action="append", help='per-retriever fit settings as name={"key": value}'
+    )
     s.add_argument("--out", help="write results JSON here")
     s.add_argument("--plot", help="write a picture: quality vs corpus size and vs latency")
     s.add_argument("--quiet", action="store_true")
@@ -118,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--docs", type=int, default=200, help="corpus size of the subset")
     s.add_argument("--queries", type=int, default=40, help="test queries evaluated")
     s.add_argument("--train-queries", type=int, default=120, help="training queries")
-    s.add_argument("--intra-epochs", type=float, default=2.0)
-    s.add_argument("--budget-s", type=float, default=150.0, help="training seconds per retriever")
+    s.add_argument("--intra-epochs", type=float, default=4.0)
+    s.add_argument("--budget-s", type=float, default=240.0, help="training seconds per retriever")
     s.add_argument("--retriever", default="bm25,dense,intra,incontext,generative")
     s.add_argument("--show", type=int, default=1, help="questions whose top hits are printed")
     s.add_argument("--seed", type=int, default=0)

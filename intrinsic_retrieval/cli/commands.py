@@ -128,12 +128,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         retriever_class(n)  # unknown names fail before any work
     measures = parse_measures(args.measures.split(","))
     options = parse_options(args.option)
-    for name, opts in options.items():
-        if name not in names or not isinstance(opts, dict):
-            raise InvalidInputError(
-                f'--option takes name={{"key": value}} for a retriever in --retriever, got {name}'
-            )
+    fit_options = parse_options(args.fit_option)
+    for flag, given in (("--option", options), ("--fit-option", fit_options)):
+        for name, opts in given.items():
+            if name not in names or not isinstance(opts, dict):
+                raise InvalidInputError(
+                    f'{flag} takes name={{"key": value}} for a retriever in --retriever, got {name}'
+                )
     full = load_beir(args.dataset, split=args.split)
+    if args.queries:
+        full = full.sample_queries(args.queries, seed=args.seed)
     train = None
     if args.fit:
         train_set = load_beir(args.dataset, split=args.train_split)
@@ -145,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 n, show_progress=not args.quiet, **options.get(n, {})
             ),
             fit=args.fit,
-            fit_options={"show_progress": not args.quiet},
+            fit_options={"show_progress": not args.quiet, **fit_options.get(n, {})},
         )
         for n in names
     ]
@@ -169,10 +173,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     print(f"\n{full.name} ({args.split})")
     print(format_table(cols, rows))
+    images = []
     if args.plot:
         from ..eval.plots import plot_results
 
-        print(f"wrote {plot_results(results, args.plot, title=f'{full.name} ({args.split})')}")
+        images.append(str(plot_results(results, args.plot, title=f"{full.name} ({args.split})")))
+        print(f"wrote {images[-1]}")
     if args.out:
         payload = {
             "name": f"eval-{full.name}",
@@ -189,6 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "command": " ".join(["intrinsic-retrieval", *sys.argv[1:]]),
             "machine": machine_info(),
             "results": [r.to_dict() for r in results],
+            "images": images,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2))
