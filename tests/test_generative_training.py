@@ -12,7 +12,6 @@ from intrinsic_retrieval.chunking import word_spans
 from intrinsic_retrieval.errors import CheckpointMismatchError, InvalidInputError
 from intrinsic_retrieval.retrievers.generative.examples import (
     Example,
-    ExtractiveQueryGenerator,
     daq,
     first_p,
     indexing_examples,
@@ -20,6 +19,7 @@ from intrinsic_retrieval.retrievers.generative.examples import (
     split_heldout,
     synthetic_examples,
 )
+from intrinsic_retrieval.training.queries import ExtractiveQueryGenerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1394,3 +1394,17 @@ def test_manifest_with_an_emptied_tensor_table_is_refused_at_open(tmp_path: Path
     with pytest.raises(StoreCorruptedError, match="tensor table lacks"):
         store.verify()  # `info --verify` sees it too
     store.close()
+
+
+def test_aux_entry_without_tensors_round_trips(tmp_path: Path) -> None:
+    """Meta-only aux entries (cached generated queries): safetensors writes invalid JSON for an
+    empty tensor mapping with empty metadata, so none is passed."""
+    store = EncodedChunkStore.create(
+        tmp_path / "s", fingerprint="fp", specs={"v": TensorSpec("fixed", "float32", (2,))}
+    )
+    store.put_aux("notes", {}, {"queries": {"d1": ["q"]}})
+    store.close()
+    again = EncodedChunkStore.open(tmp_path / "s", fingerprint="fp")
+    tensors, meta = again.get_aux("notes")
+    assert tensors == {} and meta == {"queries": {"d1": ["q"]}}
+    again.verify()

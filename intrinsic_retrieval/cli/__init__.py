@@ -20,7 +20,8 @@ EXAMPLES = {
     "index": "intrinsic-retrieval index ../shared/data/scifact --store idx --retriever dense\n"
     "  rerun the same command after an interruption: stored documents are skipped",
     "fit": "intrinsic-retrieval fit --store idx --dataset ../shared/data/scifact --split train "
-    "--time-limit 600\n  rerun the same command to continue from the last checkpoint",
+    "--time-limit 600\n  without --dataset/--queries: trains on queries a packaged LM writes\n"
+    "  rerun the same command to continue from the last checkpoint",
     "search": "intrinsic-retrieval search 'does insulin regulate glucose?' --store idx -k 5 "
     '--filter \'{"year": {"$gte": 2010}}\'',
     "eval": "intrinsic-retrieval eval --dataset ../shared/data/scifact --retriever bm25,dense,"
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="train")
     s.add_argument("--queries", help='queries JSONL ({"_id", "text"}), with --qrels')
     s.add_argument("--qrels", help="qrels TSV (query-id, corpus-id, score), with --queries")
+    s.add_argument(
+        "--query-model",
+        default=None,
+        help="packaged LM that writes training queries when no labels are given (smollm2, "
+        "gemma3; default smollm2)",
+    )
+    s.add_argument("--queries-per-doc", type=int, default=3, help="written queries per document")
     s.add_argument("--epochs", type=float, default=None)
     s.add_argument("--max-steps", type=int, default=None)
     s.add_argument("--time-limit", type=float, default=None, help="seconds; resumable later")

@@ -63,6 +63,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if retriever.name == "incontext":  # the tuned weights must outlive this process
         options.setdefault("save_model_to", str(Path(options["checkpoint_dir"]) / "model"))
     queries, qrels = labels if labels is not None else (None, None)
+    if labels is None or args.query_model:
+        # label-free: a packaged LM writes queries (cached in the store, resumable)
+        from ..training.queries import LMQueryGenerator
+
+        options["query_generator"] = LMQueryGenerator(args.query_model or "smollm2")
+        if retriever.learns_from_queries:
+            options["queries_per_doc"] = args.queries_per_doc
     report = retriever.fit(queries, qrels, **options)
     if hasattr(retriever, "save_head"):  # INTRA writes its head when a run completes
         retriever.save_head()

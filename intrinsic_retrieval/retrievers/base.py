@@ -70,6 +70,9 @@ class StoreRetriever(abc.ABC):
     fit_config: ClassVar[type[FitConfig] | None] = None
     #: `fit` keywords that are not settings (objects such as a query generator)
     fit_extras: ClassVar[tuple[str, ...]] = ()
+    #: `fit()` without labeled queries trains on generated ones (False: the retriever has its
+    #: own label-free recipe, as generative retrieval's indexing examples)
+    learns_from_queries: ClassVar[bool] = True
     #: constructor options recorded under an older name in existing stores: {old: new}
     renamed_options: ClassVar[dict[str, str]] = {}
     #: this retriever's query-time options
@@ -188,17 +191,51 @@ class StoreRetriever(abc.ABC):
 
         `queries`/`qrels`: labeled queries in any `training.LabeledQueries` shape (BEIR
         ``{qid: text}`` + ``{qid: {doc_id: relevance}}``, parallel lists, ``{query: doc ids}``
-        or ``(query, doc id)`` pairs); positives are document or chunk ids. `config`: the
-        retriever's `fit_config` settings; `options` replace single fields (``epochs=2``,
-        ``max_steps=100``, ``checkpoint_dir=...``, ``time_limit_s=...``). Runs with the same data
-        and settings resume from `checkpoint_dir`. Returns a `FitReport`.
+        or ``(query, doc id)`` pairs); positives are document or chunk ids. Without them, a
+        retriever that learns from queries trains on `queries_per_doc` pseudo-queries per
+        document written by `query_generator` (default: `LMQueryGenerator("smollm2")`), cached
+        in the store. `config`: the retriever's `fit_config` settings; `options` replace single
+        fields (``epochs=2``, ``max_steps=100``, ``checkpoint_dir=...``, ``time_limit_s=...``).
+        Runs with the same data and settings resume from `checkpoint_dir`. Returns a
+        `FitReport`.
         """
         extras = {k: options.pop(k) for k in list(options) if k in self.fit_extras}
+        generator = options.pop("query_generator", None)
+        per_doc = options.pop("queries_per_doc", 3)
         cfg = self.fit_settings(config, **options)
         if len(self) == 0:
             raise EmptyCorpusError("index documents before calling fit()")
         with self.lock:
+            if queries is None and self.learns_from_queries:
+                queries, qrels = self.generated_labels(generator, per_doc)
             return self._fit(queries, qrels, cfg, **extras)
+
+    def generated_labels(
+        self, generator: Any = None, per_doc: int = 3
+    ) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+        """Label-free training data: `per_doc` queries per live document written by `generator`
+        (default `LMQueryGenerator("smollm2")`), read from the store's cache where written
+        before; each query's positive is its document."""
+        from ..training.queries import LMQueryGenerator, cached_queries
+
+        if not isinstance(per_doc, int) or isinstance(per_doc, bool) or per_doc < 1:
+            raise InvalidInputError(f"queries_per_doc must be an int >= 1, got {per_doc!r}")
+        gen = (
+            generator
+            if generator is not None
+            else LMQueryGenerator("smollm2", show_progress=self.show_progress)
+        )
+        docs = [(str(d.id), d.text) for d in self.documents()]
+        written = cached_queries(self._store, docs, gen, per_doc)
+        queries: dict[str, str] = {}
+        qrels: dict[str, dict[str, int]] = {}
+        for doc_id, qs in written.items():
+            for i, q in enumerate(qs):
+                qid = f"generated:{doc_id}:{i}"
+                queries[qid], qrels[qid] = q, {doc_id: 1}
+        if not queries:
+            raise InvalidInputError("the query generator wrote no usable query for any document")
+        return queries, qrels
 
     def documents(self) -> list[Document]:
         """Live documents reassembled from their chunks (chunk offsets put overlaps back)."""

@@ -158,7 +158,10 @@ def write_safetensors(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(payload, tmp, metadata={str(k): str(v) for k, v in (meta or {}).items()})
+        # no metadata rather than an empty mapping: safetensors writes invalid JSON for no
+        # tensors with an empty metadata mapping ('{},"__metadata__":{}}')
+        metadata = {str(k): str(v) for k, v in (meta or {}).items()} or None
+        save_file(payload, tmp, metadata=metadata)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         info = {"bytes": os.path.getsize(tmp), "sha256": file_sha256(Path(tmp))}

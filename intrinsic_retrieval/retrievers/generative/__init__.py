@@ -3,9 +3,15 @@
 Import path: ``intrinsic_retrieval.retrievers.generative.GenerativeDocidRetriever``.
 """
 
+from ...training.queries import (
+    Doc2QueryGenerator,
+    ExtractiveQueryGenerator,
+    LMQueryGenerator,
+    QueryGenerator,
+)
 from .backbone import Backbone
 from .docids import DocidMap, hierarchical_kmeans
-from .examples import Doc2QueryGenerator, Example, ExtractiveQueryGenerator, QueryGenerator
+from .examples import Example
 from .retriever import GenerativeDocidRetriever
 from .train import GenerativeFitConfig
 from .trie import DocidTrie, TrieLogitsProcessor
@@ -19,6 +25,7 @@ __all__ = [
     "ExtractiveQueryGenerator",
     "GenerativeDocidRetriever",
     "GenerativeFitConfig",
+    "LMQueryGenerator",
     "QueryGenerator",
     "TrieLogitsProcessor",
     "hierarchical_kmeans",

@@ -31,6 +31,7 @@ from ...errors import (
 from ...models.architectures import BERT2BERT_PREFIX, T5GEMMA2_PREFIX, load_encoder_decoder
 from ...store import TensorSpec
 from ...training import FitReport, LabeledQueries, labeled_pairs, train
+from ...training.queries import ExtractiveQueryGenerator, QueryGenerator, cached_queries
 from ...types import Chunk, DocumentLike, as_documents
 from ..base import Ranked, StoreRetriever
 from ..options import SearchOptions, check_int
@@ -40,13 +41,10 @@ from .docids import SCHEMES, DocidMap, naive_string
 from .examples import (
     INDEXING_KINDS,
     Example,
-    ExtractiveQueryGenerator,
-    QueryGenerator,
     describe,
     indexing_examples,
     mix,
     split_heldout,
-    synthetic_examples,
 )
 from .train import GenerativeFitConfig
 from .trie import DocidTrie
@@ -86,6 +84,7 @@ class GenerativeDocidRetriever(StoreRetriever):
     search_options_class = GenerativeSearchOptions
     fit_config = GenerativeFitConfig
     fit_extras = ("query_generator", "full")
+    learns_from_queries = False  # FirstP/DaQ spans and synthetic queries need no labels
 
     def __init__(
         self,
@@ -492,7 +491,14 @@ class GenerativeDocidRetriever(StoreRetriever):
                 ret.extend(e for e in self._labeled(queries, qrels) if e.code in allowed)
             if "synthetic" in cfg.inputs:
                 gen = generator or ExtractiveQueryGenerator(seed=cfg.seed)
-                ret.extend(synthetic_examples(docs, gen, cfg.synthetic_per_doc))
+                chunk_ids = {c: row_chunk[c].id for c in codes}
+                written = cached_queries(
+                    self.store,
+                    [(chunk_ids[c], row_chunk[c].text) for c in codes],
+                    gen,
+                    cfg.synthetic_per_doc,
+                )
+                ret.extend(Example(q, c, "synthetic") for c in codes for q in written[chunk_ids[c]])
             return mix(idx, ret, cfg.index_retrieval_ratio, cfg.seed)
 
         examples = examples_for(target_codes)
