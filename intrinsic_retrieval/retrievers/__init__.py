@@ -51,7 +51,10 @@ def create_retriever(name: str, **kwargs: Any) -> StoreRetriever:
             f"the {name} retriever has no option {', '.join(unknown)}; options: "
             f"{', '.join(sorted(known))}"
         )
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # an option of the wrong type (e.g. from the CLI)
+        raise InvalidInputError(f"bad option value for the {name} retriever: {exc}") from exc
 
 
 def load_retriever(path: str | PathLike[str], **overrides: Any) -> StoreRetriever:
