@@ -292,3 +292,28 @@ def test_an_option_of_the_wrong_type_is_one_line(beir: Path, tmp_path: Path, cap
     rc = main(["index", str(beir), "--store", str(tmp_path / "d"), "--retriever", "dense",
                "--option", "batch_size=many"])  # fmt: skip
     _one_line_error(capsys, rc, "bad option value")
+
+
+@pytest.mark.slow
+def test_fit_command_without_labels_uses_written_queries(beir: Path, tmp_path: Path, capsys):
+    """No --dataset/--queries: SmolLM2 writes the training queries, cached in the store."""
+    from support.intra import save
+
+    pytest.importorskip("gguf")
+    from intrinsic_retrieval.models import smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("SmolLM2 GGUF not found (run `make models`)")
+    store = tmp_path / "intra"
+    model = save("t5", tmp_path / "m")
+    assert main(["index", str(beir), "--store", str(store), "--retriever", "intra",
+                 "--option", f"model={model}", "--option", "k0=2", "--option", "pooled=4",
+                 "--option", "retrieval_tokens=3"]) == 0  # fmt: skip
+    args = ["fit", "--store", str(store), "--queries-per-doc", "2", "--epochs", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fit intra" in out and "completed" in out
+    from intrinsic_retrieval import load_retriever
+
+    r = load_retriever(store, show_progress=False)
+    assert r.trained and r.store.get_aux("generated_queries") is not None

@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, help="BEIR directory, e.g. ../shared/data/scifact")
     s.add_argument("--retriever", default="bm25,dense", help="comma-separated registry names")
     s.add_argument("--split", default="test")
-    s.add_argument("--fit", action="store_true", help="train the retrievers that train")
+    s.add_argument(
+        "--fit",
+        nargs="?",
+        const="all",
+        default=None,
+        help="train the retrievers that train (all, or a comma list such as intra,generative)",
+    )
     s.add_argument("--train-split", default="train", help="the labels --fit trains on")
     s.add_argument(
         "--subset", default=None, help="corpus sizes (positives + random documents), e.g. 250,1000"

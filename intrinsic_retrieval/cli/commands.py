@@ -71,8 +71,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if retriever.learns_from_queries:
             options["queries_per_doc"] = args.queries_per_doc
     report = retriever.fit(queries, qrels, **options)
-    if hasattr(retriever, "save_head"):  # INTRA writes its head when a run completes
-        retriever.save_head()
     print(
         f"fit {retriever.name}: {report.steps}/{report.total_steps} steps ({report.stopped}), "
         f"{report.num_examples} examples, {report.seconds:.1f}s, last loss "
@@ -142,6 +140,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise InvalidInputError(
                     f'{flag} takes name={{"key": value}} for a retriever in --retriever, got {name}'
                 )
+    if args.fit not in (None, "all"):
+        stray = sorted(set(args.fit.split(",")) - set(names))
+        if stray:
+            raise InvalidInputError(f"--fit names retrievers not in --retriever: {stray}")
     full = load_beir(args.dataset, split=args.split)
     if args.queries:
         full = full.sample_queries(args.queries, seed=args.seed)
@@ -155,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             build=lambda n=n: create_retriever(
                 n, show_progress=not args.quiet, **options.get(n, {})
             ),
-            fit=args.fit,
+            fit=args.fit is not None and (args.fit == "all" or n in args.fit.split(",")),
             fit_options={"show_progress": not args.quiet, **fit_options.get(n, {})},
         )
         for n in names
