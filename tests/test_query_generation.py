@@ -93,8 +93,12 @@ def test_lm_query_generator_on_a_tiny_lm(tmp_path: Path) -> None:
                                                  show_progress=False).fingerprint()  # fmt: skip
     assert gen._parse(["1. what is x?\n2) why y"], 3) == ["what is x?"]  # base: first line
     gen.chat = True
-    assert gen._parse(["1. what is x?\n2) why is y\n- What is x?\nok"], 3) == [
-        "what is x?", "why is y"
+    assert gen._parse(["1. what is x?\n2) why is y?\n- What is x?\nok then"], 3) == [
+        "what is x?", "why is y?"
+    ]  # fmt: skip
+    # no question written: the first sentence of each line stands in
+    assert gen._parse(["This passage is about ice. It says more."], 2) == [
+        "This passage is about ice."
     ]  # fmt: skip
 
 

@@ -134,10 +134,16 @@ class Doc2QueryGenerator:
         return out
 
 
-#: the SmolLM2 instruction; Gemma 3 base gets a few-shot prompt instead
-INSTRUCTION = (
-    "Write {n} different short search questions that the following passage answers, "
-    "one per line, without numbering.\n\nPassage: {text}"
+#: the chat instruction, after one worked example (without it SmolLM2-135M mostly summarises
+#: the passage instead of asking about it); Gemma 3 base gets a few-shot prompt instead
+INSTRUCTION = "Write {n} questions that this passage answers, one per line.\n\nPassage: {text}"
+EXAMPLE_PASSAGE = (
+    "Aspirin irreversibly inhibits cyclooxygenase, which reduces thromboxane production in "
+    "platelets and lowers the risk of clotting."
+)
+EXAMPLE_QUESTIONS = (
+    "How does aspirin affect platelets?\nWhat enzyme does aspirin inhibit?\n"
+    "Does aspirin lower the risk of blood clots?"
 )
 FEW_SHOT = (
     "Passage: Aspirin irreversibly inhibits cyclooxygenase, reducing thromboxane production in "
@@ -201,8 +207,9 @@ class LMQueryGenerator:
         """What determines the queries: model weights, prompt and sampling settings."""
         from ..models.fingerprint import model_fingerprint
 
-        settings = [self.chat, self.max_new_tokens, self.max_input_chars, self.temperature,
-                    self.top_p, self.seed, INSTRUCTION, FEW_SHOT]  # fmt: skip
+        prompts = [INSTRUCTION, EXAMPLE_PASSAGE, EXAMPLE_QUESTIONS, FEW_SHOT]
+        sampling = [self.max_new_tokens, self.max_input_chars, self.temperature, self.top_p]
+        settings = [self.chat, self.seed, *sampling, *prompts]
         h = hashlib.sha256(json.dumps(settings).encode())
         h.update(model_fingerprint(self.model).encode())
         return h.hexdigest()
@@ -210,20 +217,32 @@ class LMQueryGenerator:
     def _prompt(self, text: str, n: int) -> str:
         text = " ".join(text.split())[: self.max_input_chars]
         if self.chat:
-            msg = [{"role": "user", "content": INSTRUCTION.format(n=n, text=text)}]
+            msg = [
+                {"role": "user", "content": INSTRUCTION.format(n=3, text=EXAMPLE_PASSAGE)},
+                {"role": "assistant", "content": EXAMPLE_QUESTIONS},
+                {"role": "user", "content": INSTRUCTION.format(n=n, text=text)},
+            ]
             return self.tokenizer.apply_chat_template(
                 msg, tokenize=False, add_generation_prompt=True
             )
         return FEW_SHOT.format(text=text)
 
     def _parse(self, outputs: list[str], n: int) -> list[str]:
-        found: list[str] = []
+        """Questions (lines ending in "?") when the model wrote any; else the first sentence of
+        each line, cut to 24 words. Numbering and duplicates are dropped."""
+        lines: list[str] = []
         for out in outputs:
-            lines = out.split("\n") if self.chat else out.split("\n")[:1]
-            for line in lines:
+            for line in out.split("\n") if self.chat else out.split("\n")[:1]:
                 q = _NUMBERING.sub("", line).strip().strip('"')
-                if len(q.split()) >= 2 and q.lower() not in {f.lower() for f in found}:
-                    found.append(q)
+                if len(q.split()) >= 2:
+                    lines.append(q)
+        questions = [q for q in lines if q.endswith("?")]
+        if not questions:
+            questions = [" ".join(_SENT.split(q)[0].split()[:24]) for q in lines]
+        found: list[str] = []
+        for q in questions:
+            if q.lower() not in {f.lower() for f in found}:
+                found.append(q)
         return found[:n]
 
     def generate(self, texts: Sequence[str], n: int) -> list[list[str]]:
