@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import InvalidFilterError, InvalidInputError
 from .inputs import parse_options, read_corpus, read_labels
-from .output import format_table, machine_info, print_hits
+from .output import format_table, print_hits, write_results
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -201,14 +201,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ],
             "dataset": full.name,
             "split": args.split,
-            "command": " ".join(["intrinsic-retrieval", *sys.argv[1:]]),
-            "machine": machine_info(),
-            "results": [r.to_dict() for r in results],
             "images": images,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.out}")
+        write_results(args.out, payload, results)
     return 0
 
 

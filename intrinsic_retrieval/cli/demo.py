@@ -10,14 +10,13 @@ top hits for a question, and INTRA's answer generated from the stored chunk stat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
-from .output import format_table, machine_info, markdown_table, print_hits
+from .output import format_table, markdown_table, print_hits, write_results
 
 MEASURES = ("nDCG@10", "R@10")
 
@@ -121,12 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "title": "make demo: the five retrievers side by side",
             "tables": [{"title": f"{data.name} (test queries)", "columns": columns, "rows": rows}],
             "markdown": markdown_table(columns, rows),
-            "command": " ".join(["intrinsic-retrieval", *sys.argv[1:]]),
-            "machine": machine_info(),
-            "results": [r.to_dict() for r in results],
             "examples": notes,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.out}")
+        write_results(args.out, payload, results)
     return 0

@@ -33,6 +33,24 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def write_results(path: str, payload: dict[str, Any], results: Sequence[Any]) -> None:
+    """Write a results JSON the way every benchmark does: `payload` plus the reproducing
+    command, the machine and each result's record."""
+    import json
+    import sys
+    from pathlib import Path
+
+    full = {
+        **payload,
+        "command": " ".join(["intrinsic-retrieval", *sys.argv[1:]]),
+        "machine": machine_info(),
+        "results": [r.to_dict() for r in results],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(full, indent=2))
+    print(f"wrote {path}")
+
+
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if v is None:
