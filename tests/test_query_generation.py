@@ -96,6 +96,8 @@ def test_lm_query_generator_on_a_tiny_lm(tmp_path: Path) -> None:
     assert gen._parse(["1. what is x?\n2) why is y?\n- What is x?\nok then"], 3) == [
         "what is x?", "why is y?"
     ]  # fmt: skip
+    # the prompt's own example is not a query about the passage
+    assert gen._parse(["How does aspirin affect platelets?\nwhat is ice?"], 2) == ["what is ice?"]
     # no question written: the first sentence of each line stands in
     assert gen._parse(["This passage is about ice. It says more."], 2) == [
         "This passage is about ice."

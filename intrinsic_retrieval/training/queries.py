@@ -152,6 +152,10 @@ FEW_SHOT = (
     "Question: how much oxygen does the amazon produce?\n\n"
     "Passage: {text}\nQuestion:"
 )
+_EXAMPLES = {
+    q.strip().lower()
+    for q in (*EXAMPLE_QUESTIONS.split("\n"), *re.findall(r"Question: (.+)", FEW_SHOT))
+}
 _NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+[.)]|q\d*[:.)])\s*", re.IGNORECASE)
 
 
@@ -229,13 +233,16 @@ class LMQueryGenerator:
 
     def _parse(self, outputs: list[str], n: int) -> list[str]:
         """Questions (lines ending in "?") when the model wrote any; else the first sentence of
-        each line, cut to 24 words. Numbering and duplicates are dropped."""
+        each line, cut to 24 words. Numbering, duplicates, the prompt's example questions and
+        run-on lines (over 40 words) are dropped."""
         lines: list[str] = []
         for out in outputs:
             for line in out.split("\n") if self.chat else out.split("\n")[:1]:
                 q = _NUMBERING.sub("", line).strip().strip('"')
                 if len(q.split()) >= 2:
                     lines.append(q)
+        # the prompt's own example questions and run-on repetitions are not queries
+        lines = [q for q in lines if q.lower() not in _EXAMPLES and len(q.split()) <= 40]
         questions = [q for q in lines if q.endswith("?")]
         if not questions:
             questions = [" ".join(_SENT.split(q)[0].split()[:24]) for q in lines]
