@@ -148,3 +148,22 @@ def test_retrievers_that_do_not_train_say_so(tmp_path: Path):
     r.add(["a document"])
     with pytest.raises(InvalidInputError, match="nothing to train"):
         r.fit(["q"], [["x"]])
+
+
+def test_reindex_swaps_in_a_new_store_and_a_failed_one_changes_nothing(tmp_path: Path):
+    from intrinsic_retrieval import BM25Retriever
+
+    r = BM25Retriever(path=tmp_path / "s", show_progress=False)
+    r.add([{"id": "a", "text": "glaciers carve valleys"}, {"id": "b", "text": "tides and moon"}])
+    r.reindex()
+    assert len(r) == 2 and r.search("moon", k=1)[0].document_id == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+    def broken(chunks):
+        raise RuntimeError("disk full")
+
+    r._encode_chunks = broken  # an interruption while the new store is being filled
+    with pytest.raises(RuntimeError, match="disk full"):
+        r.reindex()
+    assert len(r) == 2 and r.search("glaciers", k=1)[0].document_id == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

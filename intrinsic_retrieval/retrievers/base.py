@@ -12,6 +12,7 @@ import abc
 import atexit
 import contextlib
 import inspect
+import os
 import shutil
 import tempfile
 import threading
@@ -256,20 +257,41 @@ class StoreRetriever(abc.ABC):
         return docs
 
     def reindex(self, documents: Sequence[Document] | None = None) -> None:
-        """Recreate the store at the same path for the current model (after training changed
-        what it writes) and index `documents` (default: the live ones) again."""
+        """Rebuild the store for the current model (after training changed what it writes) and
+        index `documents` (default: the live ones) again.
+
+        The new store is built beside the old one and swapped in by renaming, so an interrupted
+        rebuild leaves the old store as it was (a crash between the two renames leaves both,
+        as ``.<name>.old`` and ``.<name>.reindex`` beside the path)."""
         docs = self.documents() if documents is None else list(documents)
         with self.lock:
-            root = Path(self._store.path)
-            self._store.close()
-            shutil.rmtree(root)
+            old = self._store
+            root = Path(old.path)
+            fresh = root.with_name(f".{root.name}.reindex")
+            shutil.rmtree(fresh, ignore_errors=True)
             self._store = EncodedChunkStore.create(
-                root, fingerprint=self._fingerprint(), specs=self._specs(),
+                fresh, fingerprint=self._fingerprint(), specs=self._specs(),
                 config=self._manifest_config(),
             )  # fmt: skip
+            try:
+                self._on_open()
+                if docs:
+                    self._ingest(docs)
+            except BaseException:
+                self._store.close()
+                shutil.rmtree(fresh, ignore_errors=True)
+                self._store = old
+                self._on_open()
+                raise
+            self._store.close()
+            old.close()
+            retired = root.with_name(f".{root.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(root, retired)
+            os.replace(fresh, root)
+            shutil.rmtree(retired, ignore_errors=True)
+            self._store = EncodedChunkStore.open(root, fingerprint=self._fingerprint())
             self._on_open()
-            if docs:
-                self._ingest(docs)
 
     # ------------------------------------------------------------------ measurements
     def _byte_parts(self) -> dict[str, float]:
