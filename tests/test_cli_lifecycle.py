@@ -317,3 +317,22 @@ def test_fit_command_without_labels_uses_written_queries(beir: Path, tmp_path: P
 
     r = load_retriever(store, show_progress=False)
     assert r.trained and r.store.get_aux("generated_queries") is not None
+
+
+def test_eval_trains_label_free_with_written_queries(
+    beir: Path, tmp_path: Path, tiny_t5_dir: str, capsys
+) -> None:
+    """`--query-model`: no training labels are read; the LM writes the synthetic queries."""
+    from support.decoder import save_causal_lm
+
+    writer = save_causal_lm(tmp_path)  # a tiny random LM stands in for SmolLM2
+    train = {"inputs": ["firstp", "synthetic"], "epochs": 5, "lr": 0.01, "warmup_steps": 1,
+             "heldout_fraction": 0.0, "show_progress": False}  # fmt: skip
+    out = tmp_path / "res.json"
+    rc = main(["eval", "--dataset", str(beir), "--retriever", "generative", "--fit",
+               "--query-model", writer, "--quiet", "--measures", "nDCG@10", "--out", str(out),
+               "--option", f'generative={json.dumps({"model": tiny_t5_dir})}',
+               "--fit-option", f"generative={json.dumps(train)}"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["fit_seconds"] > 0 and res["extra"]["fit"]["examples"] >= len(DOCS)

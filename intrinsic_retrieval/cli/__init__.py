@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--train-split", default="train", help="the labels --fit trains on")
     s.add_argument(
+        "--query-model",
+        default=None,
+        help="train label-free instead: this packaged LM (smollm2, gemma3) writes the queries",
+    )
+    s.add_argument(
         "--subset", default=None, help="corpus sizes (positives + random documents), e.g. 250,1000"
     )
     s.add_argument("--queries", type=int, default=None, help="evaluate N random judged queries")

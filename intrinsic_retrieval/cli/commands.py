@@ -148,7 +148,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.queries:
         full = full.sample_queries(args.queries, seed=args.seed)
     train = None
-    if args.fit:
+    written: dict[str, Any] = {}
+    if args.fit and args.query_model:
+        # label-free: the documents only, with queries a packaged LM writes (cached per store)
+        from ..training.queries import LMQueryGenerator
+
+        written["query_generator"] = LMQueryGenerator(
+            args.query_model, show_progress=not args.quiet
+        )
+    elif args.fit:
         train_set = load_beir(args.dataset, split=args.train_split)
         train = (train_set.queries, train_set.qrels) if train_set.qrels else None
     contenders = [
@@ -158,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 n, show_progress=not args.quiet, **options.get(n, {})
             ),
             fit=args.fit is not None and (args.fit == "all" or n in args.fit.split(",")),
-            fit_options={"show_progress": not args.quiet, **fit_options.get(n, {})},
+            fit_options={"show_progress": not args.quiet, **written, **fit_options.get(n, {})},
         )
         for n in names
     ]
