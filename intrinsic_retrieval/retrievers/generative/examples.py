@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import InvalidInputError
-from ...training.queries import QueryGenerator  # shared by every retriever that trains
+from ...training.queries import QueryGenerator, cached_queries  # shared by all trainers
 
 INPUT_KINDS = ("firstp", "daq", "labeled", "synthetic")
 INDEXING_KINDS = ("firstp", "daq")
@@ -79,11 +79,25 @@ def indexing_examples(
 
 
 def synthetic_examples(
-    docs: Sequence[tuple[int, str]], generator: QueryGenerator, n_per_doc: int
+    docs: Sequence[tuple[int, str]],
+    generator: QueryGenerator,
+    n_per_doc: int,
+    *,
+    store: Any = None,
+    ids: Sequence[str] | None = None,
 ) -> list[Example]:
+    """`n_per_doc` generated queries per (code, text) document as examples. With a `store`
+    (and each document's stable `ids`), queries come from and go to its cache
+    (`training.queries.cached_queries`), so a second fit writes none again."""
     if n_per_doc <= 0 or not docs:
         return []
-    queries = generator.generate([t for _, t in docs], n_per_doc)
+    texts = [t for _, t in docs]
+    if store is not None:
+        keys = list(ids) if ids is not None else [str(code) for code, _ in docs]
+        written = cached_queries(store, list(zip(keys, texts, strict=True)), generator, n_per_doc)
+        queries = [written[k] for k in keys]
+    else:
+        queries = generator.generate(texts, n_per_doc)
     if len(queries) != len(docs):
         raise InvalidInputError(
             f"query generator returned {len(queries)} query lists for {len(docs)} documents"

@@ -31,7 +31,7 @@ from ...errors import (
 from ...models.architectures import BERT2BERT_PREFIX, T5GEMMA2_PREFIX, load_encoder_decoder
 from ...store import TensorSpec
 from ...training import FitReport, LabeledQueries, labeled_pairs, train
-from ...training.queries import ExtractiveQueryGenerator, QueryGenerator, cached_queries
+from ...training.queries import ExtractiveQueryGenerator, QueryGenerator
 from ...types import Chunk, DocumentLike, as_documents
 from ..base import Ranked, StoreRetriever
 from ..options import SearchOptions, check_int
@@ -45,6 +45,7 @@ from .examples import (
     indexing_examples,
     mix,
     split_heldout,
+    synthetic_examples,
 )
 from .train import GenerativeFitConfig
 from .trie import DocidTrie
@@ -491,14 +492,15 @@ class GenerativeDocidRetriever(StoreRetriever):
                 ret.extend(e for e in self._labeled(queries, qrels) if e.code in allowed)
             if "synthetic" in cfg.inputs:
                 gen = generator or ExtractiveQueryGenerator(seed=cfg.seed)
-                chunk_ids = {c: row_chunk[c].id for c in codes}
-                written = cached_queries(
-                    self.store,
-                    [(chunk_ids[c], row_chunk[c].text) for c in codes],
-                    gen,
-                    cfg.synthetic_per_doc,
+                ret.extend(
+                    synthetic_examples(
+                        docs,
+                        gen,
+                        cfg.synthetic_per_doc,
+                        store=self.store,
+                        ids=[row_chunk[c].id for c in codes],
+                    )
                 )
-                ret.extend(Example(q, c, "synthetic") for c in codes for q in written[chunk_ids[c]])
             return mix(idx, ret, cfg.index_retrieval_ratio, cfg.seed)
 
         examples = examples_for(target_codes)
