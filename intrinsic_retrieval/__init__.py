@@ -24,6 +24,7 @@ from .errors import (
     ModelMismatchError,
     NotTrainedError,
     RetrievalError,
+    StageMismatchError,
     StoreCorruptedError,
     StoreError,
     StoreNotFoundError,
@@ -42,9 +43,12 @@ if TYPE_CHECKING:
     from .retrievers.base import StoreRetriever
     from .retrievers.bm25 import BM25Retriever
     from .retrievers.dense import DenseRetriever
+    from .retrievers.fusion import Fusion
     from .retrievers.generative import GenerativeDocidRetriever
     from .retrievers.incontext import InContextRetriever
     from .retrievers.intra import IntraRetriever
+    from .retrievers.pipeline import Pipeline
+    from .retrievers.rerank import Rerank
     from .store import EncodedChunkStore, TensorSpec
     from .training import FitConfig, FitReport
 
@@ -57,6 +61,9 @@ _LAZY = {
     "InContextRetriever": ".retrievers.incontext",
     "GenerativeDocidRetriever": ".retrievers.generative",
     "StoreRetriever": ".retrievers.base",
+    "Rerank": ".retrievers.rerank",
+    "Fusion": ".retrievers.fusion",
+    "Pipeline": ".retrievers.pipeline",
     "FitConfig": ".training",
     "FitReport": ".training",
     "EncodedChunkStore": ".store",
@@ -90,6 +97,7 @@ __all__ = [
     "Filter",
     "FitConfig",
     "FitReport",
+    "Fusion",
     "GenerativeDocidRetriever",
     "Hit",
     "IdCollisionError",
@@ -101,8 +109,11 @@ __all__ = [
     "ModelLoadError",
     "ModelMismatchError",
     "NotTrainedError",
+    "Pipeline",
+    "Rerank",
     "RetrievalError",
     "Retriever",
+    "StageMismatchError",
     "StoreCorruptedError",
     "StoreError",
     "StoreNotFoundError",

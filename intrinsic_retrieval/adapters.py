@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import import_module
 from os import PathLike
@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from .errors import InvalidInputError, StoreCorruptedError, StoreNotFoundError
 from .protocol import Retriever
 from .store.shards import atomic_write_json
+from .types import Hit
 
 T = TypeVar("T")
 
@@ -130,6 +131,59 @@ def check_k(k: Any, name: str = "k") -> int:
     return k
 
 
+# ---------------------------------------------------------------------- reranking
+def rerank_records(
+    retriever: Any, query: str, keys: Sequence[tuple[str | None, str | None]], top_n: int
+) -> list[tuple[int, Hit]]:
+    """Rerank a framework's retrieved records with a library retriever as second stage.
+
+    `keys` are each record's ``(chunk id, document id)`` (either may be None, not both). Returns
+    ``(record index, hit)`` for the best `top_n` records, best first: a hit stands for the
+    record holding its chunk, else for every record of its document (stages may chunk
+    differently). A record the retriever has not indexed raises `StageMismatchError`."""
+    query = check_query(query)
+    top_n = check_k(top_n, "top_n")
+    if not callable(getattr(retriever, "rerank", None)):
+        raise InvalidInputError(
+            f"a reranker needs a library retriever that scores a subset of its own index; "
+            f"{type(retriever).__name__} has no rerank()"
+        )
+    candidates: list[Hit] = []
+    by_chunk: dict[str, list[int]] = {}
+    by_doc: dict[str, list[int]] = {}
+    for i, (chunk_id, doc_id) in enumerate(keys):
+        if chunk_id is None and doc_id is None:
+            raise InvalidInputError(
+                f"retrieved record {i} has no id: a reranker finds records in its index by the "
+                "chunk_id / document_id metadata (or the record's own id)"
+            )
+        cid, did = str(chunk_id or doc_id), str(doc_id or chunk_id)
+        candidates.append(Hit(cid, did, "", 0.0, i + 1))
+        by_chunk.setdefault(cid, []).append(i)
+        by_doc.setdefault(did, []).append(i)
+    if not candidates:
+        return []
+    hits = run_locked(retriever, retriever.rerank, query, candidates, k=None)
+    out: list[tuple[int, Hit]] = []
+    used: set[int] = set()
+    for h in hits:
+        for i in by_chunk.get(h.chunk_id) or by_doc.get(h.document_id, []):
+            if i not in used:
+                used.add(i)
+                out.append((i, h))
+        if len(out) >= top_n:
+            break
+    return out[:top_n]
+
+
+def check_query(query: Any) -> str:
+    if not isinstance(query, str) or not query.strip():
+        from .errors import EmptyQueryError
+
+        raise EmptyQueryError(f"query must be a non-empty str, got {query!r:.60}")
+    return query
+
+
 # ---------------------------------------------------------------------- persistence
 def save_with_config(
     retriever: Retriever, path: str | PathLike[str], filename: str, config: Mapping[str, Any]
@@ -216,6 +270,7 @@ __all__ = [
     "load_with_config",
     "model_lock",
     "read_config",
+    "rerank_records",
     "resolve_retriever",
     "run_locked",
     "save_with_config",

@@ -143,6 +143,15 @@ class CheckpointMismatchError(RetrievalError):
     """A training checkpoint that belongs to another corpus, docid map or model."""
 
 
+class StageMismatchError(StoreError):
+    """The stages of a composed retriever (`Rerank`, `Fusion`) do not hold the same documents:
+    a second stage that lacks a first-stage candidate, or stores built from different corpora."""
+
+    def __init__(self, message: str, ids: list[str] | None = None) -> None:
+        self.ids = list(ids or [])
+        super().__init__(message)
+
+
 class ConcurrentWriteError(StoreError):
     """Another process holds the store's single-writer lock, or the store was changed on disk by
     another handle since this one opened it (reopen it to see the new state)."""

@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "index", "index a corpus into a store (resumable)")
     s.add_argument("input", help="BEIR dir, .jsonl file, or directory of .md/.txt/.rst files")
     s.add_argument("--store", required=True, help="store directory (created or resumed)")
-    s.add_argument("--retriever", default="bm25", help="bm25, dense, intra, incontext, generative")
+    s.add_argument(
+        "--retriever",
+        default="bm25",
+        help="bm25, dense, intra, incontext, generative; or a pipeline: rerank (--option "
+        'first=bm25 --option \'second={"name": "incontext"}\' --option candidates=50), fusion '
+        '(--option \'retrievers=["bm25", "dense"]\')',
+    )
     s.add_argument("--limit", type=int, default=None, help="index only the first N documents")
     s.add_argument("--option", action="append", help="retriever option key=value (repeatable)")
     s.set_defaults(func=cmd_index)
@@ -165,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 __all__ = [

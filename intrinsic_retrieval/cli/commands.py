@@ -16,11 +16,12 @@ from .output import format_table, print_hits, write_results
 
 def cmd_index(args: argparse.Namespace) -> int:
     from ..retrievers import create_retriever, load_retriever
+    from ..retrievers.pipeline import is_index
 
     docs = read_corpus(args.input, limit=args.limit)
     store = Path(args.store)
     t0 = time.perf_counter()
-    if (store / "manifest.json").exists():
+    if is_index(store):
         retriever = load_retriever(store, **parse_options(args.option))
     else:
         retriever = create_retriever(args.retriever, path=str(store), **parse_options(args.option))
@@ -48,6 +49,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     retriever = load_retriever(args.store)
     if getattr(retriever, "fit_config", None) is None:
+        stages = getattr(retriever, "stages", None)
+        if stages:  # a pipeline: its stages are indexes of their own
+            raise InvalidInputError(
+                f"a {retriever.name} pipeline trains stage by stage: fit "
+                + " or ".join(str(Path(args.store) / role) for role in stages)
+            )
         raise InvalidInputError(f"the {retriever.name} retriever has nothing to train")
     options = parse_options(args.option)
     for key, value in (
@@ -216,9 +223,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps(_info(Path(args.store), args.verify), indent=2))
+    return 0
+
+
+def _info(path: Path, verify: bool) -> dict[str, Any]:
+    """What `info` prints for a store, or for a pipeline and each of its stages."""
+    from ..retrievers.pipeline import is_pipeline, read_pipeline
     from ..store import EncodedChunkStore
 
-    store = EncodedChunkStore.open(args.store, read_only=True)
+    if is_pipeline(path):
+        m = read_pipeline(path)
+        return {
+            "path": str(path),
+            "retriever": m["kind"],
+            "format_version": m["format_version"],
+            "options": m["options"],
+            "stages": {role: _info(path / role, verify) for role in m["stages"]},
+        }
+    store = EncodedChunkStore.open(path, read_only=True)
     m = store.manifest
     info = {
         "path": str(store.path),
@@ -232,11 +255,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         "tensors": m["tensors"],
         "init": m["config"].get("init"),
     }
-    if args.verify:
+    if verify:
         store.verify()
         info["verified"] = True
-    print(json.dumps(info, indent=2))
-    return 0
+    store.close()
+    return info
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Retriever implementations and the registry that maps names (CLI, manifests) to classes.
+"""Retriever implementations and the registry that maps names (CLI, manifests) to classes:
+the five retrievers, and the pipelines that compose them (``rerank``, ``fusion``).
 
 Classes are imported lazily so that `import intrinsic_retrieval` does not load every model stack.
 """
@@ -14,6 +15,7 @@ from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
     from .base import StoreRetriever
+    from .pipeline import Pipeline
 
 #: registry name -> "module:Class" (relative to this package)
 REGISTRY: dict[str, str] = {
@@ -22,6 +24,8 @@ REGISTRY: dict[str, str] = {
     "intra": ".intra:IntraRetriever",
     "incontext": ".incontext:InContextRetriever",
     "generative": ".generative:GenerativeDocidRetriever",
+    "rerank": ".rerank:Rerank",
+    "fusion": ".fusion:Fusion",
 }
 
 
@@ -29,16 +33,17 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-def retriever_class(name: str) -> type[StoreRetriever]:
+def retriever_class(name: str) -> type[Any]:
     if name not in REGISTRY:
         raise InvalidInputError(f"unknown retriever {name!r}; available: {', '.join(available())}")
     module, cls = REGISTRY[name].split(":")
     return getattr(import_module(module, __name__), cls)
 
 
-def create_retriever(name: str, **kwargs: Any) -> StoreRetriever:
-    """Build a retriever by registry name, e.g. ``create_retriever("dense", path="idx")``; an
-    option the retriever does not take is an `InvalidInputError` naming the ones it does."""
+def create_retriever(name: str, **kwargs: Any) -> Any:
+    """Build a retriever by registry name, e.g. ``create_retriever("dense", path="idx")`` or
+    ``create_retriever("rerank", first="bm25", second="incontext", path="idx")``; an option the
+    retriever does not take is an `InvalidInputError` naming the ones it does."""
     cls = retriever_class(name)
     known = {
         p.name
@@ -57,9 +62,13 @@ def create_retriever(name: str, **kwargs: Any) -> StoreRetriever:
         raise InvalidInputError(f"bad option value for the {name} retriever: {exc}") from exc
 
 
-def load_retriever(path: str | PathLike[str], **overrides: Any) -> StoreRetriever:
-    """Reopen any saved index; the manifest says which retriever made it."""
+def load_retriever(path: str | PathLike[str], **overrides: Any) -> StoreRetriever | Pipeline:
+    """Reopen any saved index or pipeline; its manifest says which retriever made it."""
     from .base import StoreRetriever
+    from .pipeline import Pipeline, is_pipeline
+
+    if is_pipeline(path):
+        return Pipeline.load(path, **overrides)
 
     return StoreRetriever.load(path, **overrides)
 

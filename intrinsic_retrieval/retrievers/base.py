@@ -33,6 +33,7 @@ from ..errors import (
     IdCollisionError,
     InvalidInputError,
     RetrievalError,
+    StageMismatchError,
     StoreCorruptedError,
     StoreError,
 )
@@ -518,6 +519,64 @@ class StoreRetriever(abc.ABC):
         with self.lock:
             ranked = self._score(queries, candidates, min(k, n))
         return [self._hits(rows, scores, candidates) for rows, scores in ranked]
+
+    def rerank(
+        self,
+        query: str,
+        candidates: Sequence[str | Hit],
+        k: int | None = 10,
+        filter: Filter | None = None,
+    ) -> list[Hit]:
+        """Second stage: score only `candidates` (a first stage's ranking, best first) and
+        return the best `k` of them (None: all); the rest of the store is never read.
+
+        A candidate is a chunk or document id, or a `Hit` from another retriever (its chunk
+        when this store has that chunk, else all chunks of its document, so stages may chunk
+        differently). A candidate this store lacks raises `StageMismatchError` naming it;
+        `filter` masks candidates as in `search`."""
+        query = self.check_query(query)
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise InvalidInputError(f"k must be a positive int or None, got {k!r}")
+        if isinstance(candidates, str | Hit) or not isinstance(candidates, Iterable):
+            raise InvalidInputError("candidates must be a list of ids or hits")
+        items = list(candidates)
+        if not all(isinstance(c, str | Hit) for c in items):
+            raise InvalidInputError("candidates must be ids (str) or Hit objects")
+        keys = [c if isinstance(c, str) else c.chunk_id for c in items]
+        found = self._store.rows_by_id(keys + [c.document_id for c in items if isinstance(c, Hit)])
+        order: dict[int, None] = {}  # rows in the first stage's order, each once
+        missing: list[str] = []
+        for key, c in zip(keys, items, strict=True):
+            rows = found.get(key)
+            if rows is None and isinstance(c, Hit):
+                rows = found.get(c.document_id)
+            if rows is None:
+                missing.append(key)
+            else:
+                order.update(dict.fromkeys(rows))
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5])
+            raise StageMismatchError(
+                f"{len(missing)} candidate(s) are not in this {self.name} index at "
+                f"{self.path}: {shown}{' ...' if len(missing) > 5 else ''}; index the same "
+                "documents in every stage",
+                missing,
+            )
+        mask = self._store.candidate_mask(filter)
+        rows_t = torch.tensor([r for r in order if bool(mask[r])], dtype=torch.long)
+        if not len(rows_t):
+            return []
+        candidates_mask = torch.zeros_like(mask)
+        candidates_mask[rows_t] = True
+        with self.lock:
+            n = len(rows_t)
+            ranked = self._rerank(query, rows_t, candidates_mask, n if k is None else min(k, n))
+        return self._hits(*ranked, candidates_mask)
+
+    def _rerank(self, query: str, rows: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:
+        """Top-`k` of `candidates` (mask) for one query as a second stage; `rows` are the same
+        rows in the first stage's order (INTRA takes its initial context from them)."""
+        return self._score([query], candidates, k)[0]
 
     def _hits(
         self, rows: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor

@@ -673,6 +673,31 @@ class EncodedChunkStore:
             rows.update(r[0] for r in self._query(q, [self.num_rows, *part, *part]))
         return sorted(rows)
 
+    def rows_by_id(self, ids: Iterable[str]) -> dict[str, list[int]]:
+        """Live rows of each of `ids`, sorted (a chunk id: its row; a document id: all its
+        chunks); ids with no live row are absent."""
+        if isinstance(ids, str):
+            ids = [ids]
+        wanted = [str(i) for i in ids]
+        out: dict[str, set[int]] = {}
+        for i in range(0, len(wanted), _BATCH):
+            part = wanted[i : i + _BATCH]
+            keys = set(part)
+            marks = ",".join("?" * len(part))
+            q = (
+                "SELECT row, chunk_id, document_id FROM chunks WHERE deleted = 0 AND row < ? AND "
+                f"(chunk_id IN ({marks}) OR document_id IN ({marks}))"
+            )
+            for row, cid, did in self._query(q, [self.num_rows, *part, *part]):
+                for key in {cid, did} & keys:
+                    out.setdefault(key, set()).add(int(row))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def document_ids(self) -> set[str]:
+        """Ids of the documents with at least one live chunk."""
+        q = "SELECT DISTINCT document_id FROM chunks WHERE deleted = 0 AND row < ?"
+        return {r[0] for r in self._query(q, [self.num_rows])}
+
     def delete(self, ids: Iterable[str], *, missing_ok: bool = True) -> list[int]:
         """Tombstone chunks by chunk id or document id; returns the rows removed.
 

@@ -80,6 +80,9 @@ POOLED_DTYPES = ("float16", "bfloat16", "float32")
 #: (the paper's Eq. 3), or the query's own tokens as well (ColBERT-style query MaxSim)
 QUERY_POSITIONS = ("retrieval", "query+retrieval")
 MODES = ("intra", "encoder")
+#: where a second stage's initial context C0 comes from: the first stage's top `k0` candidates,
+#: or INTRA's own encoder-side MaxSim over the candidates (as in a whole-store search)
+RERANK_CONTEXTS = ("first_stage", "encoder")
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class IntraSearchOptions(SearchOptions):
     """INTRA's query-time options. `mode`: full INTRA, or ``"encoder"`` (the C0 stage alone);
     `k0`: initial-context size (0: C0 is empty); `query_positions`: whose cross-attention queries
     score chunks; from `ann_threshold` live chunks FAISS proposes candidates (`ann_k` pooled
-    neighbours per query vector, IVF `ann_nprobe`, at most `ann_rerank` rows rescored exactly)."""
+    neighbours per query vector, IVF `ann_nprobe`, at most `ann_rerank` rows rescored exactly);
+    `rerank_context`: where C0 comes from when INTRA reranks another retriever's candidates."""
 
     mode: str = "intra"
     k0: int = 4
@@ -96,9 +100,11 @@ class IntraSearchOptions(SearchOptions):
     ann_k: int = 32
     ann_nprobe: int = 16
     ann_rerank: int = 2048
+    rerank_context: str = "first_stage"
 
     def validate(self) -> None:
         check_choice("mode", self.mode, MODES)
+        check_choice("rerank_context", self.rerank_context, RERANK_CONTEXTS)
         check_choice("query_positions", self.query_positions, QUERY_POSITIONS)
         check_int("k0", self.k0, 0)
         check_int("ann_threshold", self.ann_threshold, 0)
@@ -152,6 +158,7 @@ class IntraRetriever(StoreRetriever):
         ann_k: int = 32,
         ann_nprobe: int = 16,
         ann_rerank: int = 2048,
+        rerank_context: str = "first_stage",
         pooled_dtype: str | None = None,
         head: str | None = None,
         path: str | PathLike[str] | None = None,
@@ -175,6 +182,7 @@ class IntraRetriever(StoreRetriever):
                 ann_k=ann_k,
                 ann_nprobe=ann_nprobe,
                 ann_rerank=ann_rerank,
+                rerank_context=rerank_context,
             )
         )
         model = default_model() if model is None else model
@@ -607,6 +615,18 @@ class IntraRetriever(StoreRetriever):
         if self.mode == "encoder":
             return self.initial_context(qstates, candidates, k)
         c0, _ = self.initial_context(qstates, candidates, self.k0)
+        assert self.head is not None
+        with torch.no_grad():
+            folded = self.retrieval_pass(query, c0.tolist())
+        return self.score_folded(folded, candidates, k, c0)
+
+    def _rerank(self, query: str, rows: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:
+        """As a second stage: the decoder reads C0 = the first stage's top `k0` candidates
+        (``rerank_context="first_stage"``) and Reverse-QWK scores exactly the candidates."""
+        if self.mode == "encoder" or self.rerank_context == "encoder":
+            return super()._rerank(query, rows, candidates, k)
+        self.check_length(query)
+        c0 = rows[: self.k0]
         assert self.head is not None
         with torch.no_grad():
             folded = self.retrieval_pass(query, c0.tolist())

@@ -1,0 +1,261 @@
+"""Second stages on the full SciFact corpus (5,183 documents, 300 test queries): BM25's top
+candidates reranked by in-context retrieval and by INTRA, and reciprocal-rank fusion of BM25 and
+dense, beside BM25 and dense in the same run. Reports nDCG@10 / R@10, median latency per stage,
+and the stored bytes per document of each index.
+
+Two phases, both resumable (stores live in `--workdir`, outside the repository):
+
+    python benchmarks/rerank_scifact.py --phase build   # index the corpus once per retriever
+    python benchmarks/rerank_scifact.py --phase eval --out benchmarks/results/rerank_scifact.json
+
+`build` indexes BM25, dense (all-MiniLM-L6-v2), in-context (Gemma 3 270M, one 300-token block
+per document, int8 K/V of every layer) and INTRA (Gemma 3 270M as T5Gemma2, trained on
+SciFact's training queries); an interrupted build resumes where it stopped (documents already
+stored are skipped). `eval` composes the stored indexes (`Rerank`, `Fusion`) without
+re-encoding anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _report import result_head, write_result
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+#: the index each stage reads, built once by `--phase build`
+STORES: dict[str, dict[str, Any]] = {
+    "bm25": {},
+    "dense": {},
+    "incontext": {"model": "gemma3", "max_doc_tokens": 300, "store_dtype": "int8"},
+    "intra": {"store_dtype": "float16"},
+}
+#: INTRA's training: the recipe that ranked best in docs/intra.md (frozen backbone, retrieval
+#: head plus a rank-8 query LoRA, softmax over 1,024 chunks)
+INTRA_FIT = {"lora_rank": 8, "n_candidates": 1024}
+
+
+def _data(args: argparse.Namespace) -> Any:
+    """The test split, on `--subset` documents when given (all test positives kept)."""
+    from intrinsic_retrieval.eval import load_beir
+
+    data = load_beir(args.dataset, split="test")
+    return data.subset(args.subset, seed=0) if args.subset else data
+
+
+def build(args: argparse.Namespace) -> None:
+    from intrinsic_retrieval import create_retriever, load_retriever
+    from intrinsic_retrieval.eval import load_beir
+
+    data = _data(args)
+    docs = data.documents()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    log: dict[str, Any] = (
+        json.loads((work / "build.json").read_text()) if (work / "build.json").exists() else {}
+    )
+    for name in args.retrievers.split(","):
+        path = work / name
+        r = (
+            load_retriever(path)
+            if (path / "manifest.json").exists()
+            else create_retriever(name, path=str(path), **STORES[name])
+        )
+        t0 = time.perf_counter()
+        added = r.add(docs, on_duplicate="skip")
+        entry = log.setdefault(name, {"index_seconds": 0.0})
+        entry["index_seconds"] += time.perf_counter() - t0
+        entry["documents"] = len({d.id for d in docs})
+        print(f"[{name}] indexed {len(added)} new documents", flush=True)
+        if name == "intra" and not entry.get("fit"):
+            train = load_beir(args.dataset, split="train")
+            t0 = time.perf_counter()
+            report = r.fit(
+                {q: train.queries[q] for q in train.qrels if q in train.queries},
+                train.qrels,
+                **INTRA_FIT,
+                epochs=args.intra_epochs,
+                checkpoint_dir=str(work / "intra.fit"),
+            )
+            entry["fit"] = {
+                "seconds": time.perf_counter() - t0,
+                "steps": report.steps,
+                "examples": report.num_examples,
+                "epochs": args.intra_epochs,
+            }
+            r.save(path)
+        r.close()
+        (work / "build.json").write_text(json.dumps(log, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default=str(ROOT.parent / "shared/data/scifact"))
+    ap.add_argument("--workdir", default=str(ROOT.parent / "stores/rerank_scifact"))
+    ap.add_argument("--phase", choices=["build", "eval"], required=True)
+    ap.add_argument("--retrievers", default="bm25,dense,incontext,intra")
+    ap.add_argument("--intra-epochs", type=int, default=1)
+    ap.add_argument("--candidates", default="50,100", help="first-stage depths to rerank")
+    ap.add_argument("--queries", type=int, default=0, help="sample this many (0: all 300)")
+    ap.add_argument("--subset", type=int, default=0, help="documents (0: the full corpus)")
+    ap.add_argument(
+        "--reuse-incontext", help="an in-context store of the full corpus to rerank with"
+    )
+    ap.add_argument("--fusion-first", action="store_true", help="also rerank RRF's top 50")
+    ap.add_argument("--whole-corpus-queries", type=int, default=3)
+    ap.add_argument("--out", default=str(HERE / "results/rerank_scifact.json"))
+    args = ap.parse_args()
+    if args.phase == "build":
+        build(args)
+    else:
+        evaluate(args)
+
+
+def _ready(work: Path, name: str, n_docs: int) -> bool:
+    """Whether the build finished `name` (every document stored, INTRA trained)."""
+    log = json.loads((work / "build.json").read_text()) if (work / "build.json").exists() else {}
+    entry = log.get(name, {})
+    return entry.get("documents") == n_docs and (name != "intra" or "fit" in entry)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from intrinsic_retrieval import Fusion, Rerank, load_retriever
+    from intrinsic_retrieval.eval.metrics import parse_measures
+    from intrinsic_retrieval.eval.runner import evaluate as run_eval
+
+    data = _data(args)
+    if args.queries:
+        data = data.sample_queries(args.queries, seed=0)
+    work = Path(args.workdir)
+    measures = parse_measures(["nDCG@10", "R@10", "MRR@10"])
+    stores = {
+        n: load_retriever(work / n, show_progress=False)
+        for n in STORES
+        if _ready(work, n, len(data.corpus))
+    }
+    if args.reuse_incontext:  # a store of a larger corpus: rerank reads the candidates only
+        stores["incontext"] = load_retriever(args.reuse_incontext, show_progress=False)
+    print(f"stores ready: {sorted(stores)}", flush=True)
+    check = not args.reuse_incontext
+    build_log = json.loads((work / "build.json").read_text())
+    contenders: list[tuple[str, Any]] = [("BM25", stores["bm25"])]
+    if "dense" in stores:
+        contenders += [
+            ("dense (all-MiniLM-L6-v2)", stores["dense"]),
+            ("RRF(BM25, dense)", Fusion([stores["bm25"], stores["dense"]], depth=100)),
+        ]
+    for n in (int(x) for x in args.candidates.split(",")):
+        if "incontext" in stores:
+            contenders.append(
+                (
+                    f"BM25 top-{n} -> in-context",
+                    Rerank(stores["bm25"], stores["incontext"], candidates=n, check_stages=check),
+                )
+            )
+        if "intra" in stores:
+            contenders.append(
+                (f"BM25 top-{n} -> INTRA", Rerank(stores["bm25"], stores["intra"], candidates=n))
+            )
+    if "incontext" in stores and "dense" in stores and args.fusion_first:
+        rrf = Fusion([stores["bm25"], stores["dense"]], depth=100)
+        contenders.append(
+            (
+                "RRF top-50 -> in-context",
+                Rerank(rrf, stores["incontext"], candidates=50, check_stages=check),
+            )
+        )
+    rows, results = [], []
+    for label, r in contenders:
+        print(f"[{label}] {len(data.judged_queries())} queries", flush=True)
+        if hasattr(r, "reset_timings"):
+            r.reset_timings()
+        res = run_eval(r, data, name=label, k=10, batch_size=1, measures=measures)
+        stage_ms = r.median_stage_ms() if hasattr(r, "median_stage_ms") else {}
+        res.extra["stage_ms"] = stage_ms
+        results.append(res.to_dict())
+        m = res.metrics
+        rows.append(
+            [
+                label,
+                m.get("nDCG@10"),
+                m.get("R@10"),
+                m.get("RR@10"),
+                res.median_query_ms,
+                ", ".join(f"{k} {v:.0f}" for k, v in stage_ms.items() if v is not None) or "–",
+                res.bytes_per_document,
+            ]
+        )
+        print(rows[-1], flush=True)
+    whole = []
+    if "incontext" in stores and args.whole_corpus_queries:
+        ic = stores["incontext"]
+        for q in list(data.judged_queries().values())[: args.whole_corpus_queries]:
+            t0 = time.perf_counter()
+            ic.search(q, k=10)
+            whole.append(time.perf_counter() - t0)
+    head = result_head(__file__, "rerank_scifact", "Second stages on the full SciFact corpus")
+    notes = [
+        f"{len(data.corpus)} documents, {len(data.judged_queries())} test queries; one process, "
+        "batch size 1; latency is the median per query, per stage in milliseconds",
+        "stores built once by `--phase build` (seconds, all documents): "
+        + "; ".join(f"{n} {v['index_seconds']:.0f}" for n, v in build_log.items()),
+    ]
+    if "incontext" in stores:
+        notes.append(
+            "in-context: Gemma 3 270M, one 300-token block per document (longer documents "
+            "truncated), int8 K/V of all 18 layers, zero-shot readout (default options)"
+            + (
+                "; its store holds the full corpus (built by the full run): a second stage "
+                "reads only the candidates, all from this subset"
+                if args.reuse_incontext
+                else ""
+            )
+        )
+    if "intra" in stores:
+        fit = build_log["intra"]["fit"]
+        notes.append(
+            f"INTRA: Gemma 3 270M as T5Gemma2, retrieval head trained on SciFact's training "
+            f"queries ({fit['examples']} examples, {fit['epochs']} epoch(s), "
+            f"{fit['seconds'] / 60:.0f} min, rank-8 query LoRA, softmax over 1,024 chunks); "
+            "C0 = the first stage's top k0=4"
+        )
+    if whole:
+        notes.append(
+            f"whole-corpus in-context search (no first stage), {len(whole)} queries: median "
+            f"{statistics.median(whole):.1f} s per query"
+        )
+    result = {
+        **head,
+        "tables": [
+            {
+                "title": "nDCG@10 / R@10 / RR@10, latency and stored bytes",
+                "columns": [
+                    "retriever",
+                    "nDCG@10",
+                    "R@10",
+                    "RR@10",
+                    "median ms / query",
+                    "ms per stage",
+                    "stored bytes / doc",
+                ],
+                "rows": rows,
+                "notes": notes,
+            }
+        ],
+        "results": results,
+        "whole_corpus_incontext_s": whole,
+    }
+    write_result(args.out, result)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
