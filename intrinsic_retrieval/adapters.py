@@ -133,14 +133,18 @@ def check_k(k: Any, name: str = "k") -> int:
 
 # ---------------------------------------------------------------------- reranking
 def rerank_records(
-    retriever: Any, query: str, keys: Sequence[tuple[str | None, str | None]], top_n: int
+    retriever: Any,
+    query: str,
+    keys: Sequence[tuple[str | None, str | None, str]],
+    top_n: int,
 ) -> list[tuple[int, Hit]]:
     """Rerank a framework's retrieved records with a library retriever as second stage.
 
-    `keys` are each record's ``(chunk id, document id)`` (either may be None, not both). Returns
-    ``(record index, hit)`` for the best `top_n` records, best first: a hit stands for the
-    record holding its chunk, else for every record of its document (stages may chunk
-    differently). A record the retriever has not indexed raises `StageMismatchError`."""
+    `keys` are each record's ``(chunk id, document id, text)`` (one id may be None, not both).
+    Returns ``(record index, hit)`` for the best `top_n` records, best first. A record whose
+    chunk the retriever holds (same id and text) takes that chunk's score; any other record
+    takes its document's best chunk (stages may chunk differently). A record the retriever has
+    not indexed raises `StageMismatchError`."""
     query = check_query(query)
     top_n = check_k(top_n, "top_n")
     if not callable(getattr(retriever, "rerank", None)):
@@ -149,26 +153,26 @@ def rerank_records(
             f"{type(retriever).__name__} has no rerank()"
         )
     candidates: list[Hit] = []
-    by_chunk: dict[str, list[int]] = {}
-    by_doc: dict[str, list[int]] = {}
-    for i, (chunk_id, doc_id) in enumerate(keys):
+    for i, (chunk_id, doc_id, text) in enumerate(keys):
         if chunk_id is None and doc_id is None:
             raise InvalidInputError(
                 f"retrieved record {i} has no id: a reranker finds records in its index by the "
                 "chunk_id / document_id metadata (or the record's own id)"
             )
         cid, did = str(chunk_id or doc_id), str(doc_id or chunk_id)
-        candidates.append(Hit(cid, did, "", 0.0, i + 1))
-        by_chunk.setdefault(cid, []).append(i)
-        by_doc.setdefault(did, []).append(i)
+        candidates.append(Hit(cid, did, text, 0.0, i + 1))
     if not candidates:
         return []
     hits = run_locked(retriever, retriever.rerank, query, candidates, k=None)
+    scored = {(h.chunk_id, h.document_id) for h in hits}
     out: list[tuple[int, Hit]] = []
     used: set[int] = set()
-    for h in hits:
-        for i in by_chunk.get(h.chunk_id) or by_doc.get(h.document_id, []):
-            if i not in used:
+    for h in hits:  # best first: the first hit that stands for a record ranks it
+        for i, c in enumerate(candidates):
+            if i in used:
+                continue
+            own = (c.chunk_id, c.document_id) in scored  # the record's chunk was scored
+            if (own and c.chunk_id == h.chunk_id) or (not own and c.document_id == h.document_id):
                 used.add(i)
                 out.append((i, h))
         if len(out) >= top_n:

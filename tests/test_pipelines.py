@@ -129,13 +129,9 @@ def test_rerank_refuses_bad_candidates():
 # ---------------------------------------------------------------- Rerank
 def rerank(path=None, **kw) -> Rerank:
     kw.setdefault("candidates", 3)
-    return create_retriever(
-        "rerank",
-        first={"name": "bm25", **QUIET},
-        second={"name": "bm25", "k1": 0.5, **QUIET},
-        path=None if path is None else str(path),
-        **kw,
-    )
+    kw.setdefault("first", {"name": "bm25", **QUIET})
+    kw.setdefault("second", {"name": "bm25", "k1": 0.5, **QUIET})
+    return create_retriever("rerank", path=None if path is None else str(path), **kw)
 
 
 def test_rerank_is_the_second_stage_over_the_first_stages_candidates(tmp_path):
@@ -181,18 +177,46 @@ def test_rerank_writes_to_both_stages(tmp_path):
     p.close()
 
 
-def test_a_failing_stage_leaves_no_document_behind(tmp_path, monkeypatch):
-    p = rerank(tmp_path / "idx")
+def _failing_encoder(stage, after: int, exc: BaseException):
+    """Make `stage` raise `exc` when encoding its batch number `after` (from 0)."""
+    calls = {"n": 0}
+    real = stage._encode_chunks
+
+    def encode(chunks):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise exc
+        return real(chunks)
+
+    stage._encode_chunks = encode
+
+
+def test_a_failing_stage_leaves_no_document_behind(tmp_path):
+    """The second stage commits two one-document batches, then fails: every stage is rolled
+    back to what it held before this add."""
+    p = Rerank({"name": "bm25", **QUIET}, {"name": "bm25", "index_batch_size": 1, **QUIET})
     p.add(CORPUS[:2])
-
-    def broken(*a, **kw):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(p.second, "add", broken)
-    with pytest.raises(OSError):
+    _failing_encoder(p.second, 2, OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
         p.add(CORPUS[2:])
-    assert p.first.store.document_ids() == {"photo", "volcano"}
+    for stage in p.stages.values():
+        assert stage.document_ids() == {"photo", "volcano"}
     p.close()
+
+
+def test_an_interrupted_add_keeps_its_work_and_resumes(tmp_path):
+    p = rerank(tmp_path / "idx", second={"name": "bm25", "index_batch_size": 1, **QUIET})
+    _failing_encoder(p.second, 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        p.add(CORPUS)
+    assert len(p.first.document_ids()) == 5 and len(p.second.document_ids()) == 2
+    p.close()
+    with pytest.raises(StageMismatchError, match="second stage"):
+        load_retriever(tmp_path / "idx")
+    again = load_retriever(tmp_path / "idx", check_stages=False)
+    assert again.add(CORPUS, on_duplicate="skip") == [d.id for d in CORPUS[2:]]
+    again.check_stages()
+    again.close()
 
 
 def test_mismatched_stages_are_refused(tmp_path):
@@ -236,6 +260,11 @@ def test_bad_compositions_are_refused(tmp_path):
         Rerank({"k1": 1.0}, "bm25")
     with pytest.raises(InvalidInputError, match="unknown retriever"):
         Rerank("bm26", "bm25")
+    with pytest.raises(InvalidInputError, match="first stage can return"):
+        Rerank(Fusion(["bm25"], depth=20), "bm25", candidates=50)
+    rerank(tmp_path / "r").close()
+    with pytest.raises(Exception, match="'rerank' pipeline"):
+        Fusion(["bm25", "bm25"], path=tmp_path / "r")
     (tmp_path / "full").mkdir()
     (tmp_path / "full/file").write_text("x")
     with pytest.raises(Exception, match="not empty"):
@@ -340,7 +369,9 @@ def test_cli_builds_searches_and_describes_a_pipeline(tmp_path, capsys):
     args = ["index", str(corpus), "--store", store, "--retriever", "rerank"]
     opts = ["--option", "first=bm25", "--option", 'second={"name": "bm25", "k1": 0.5}']
     assert main([*args, *opts, "--option", "candidates=3"]) == 0
-    assert main([*args]) == 0  # reopens the pipeline: nothing new to index
+    assert main([*args, *opts]) == 0  # the same command again: nothing new to index
+    assert "0 new documents" in capsys.readouterr().out
+    assert main([*args]) == 0  # without the stage options: reopens as recorded
     assert "0 new documents" in capsys.readouterr().out
     assert main(["search", QUERY, "--store", store, "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)[0]
@@ -358,3 +389,39 @@ def test_cli_builds_searches_and_describes_a_pipeline(tmp_path, capsys):
     fit = ["fit", "--store", store, "--queries", str(labels), "--qrels", str(qrels)]
     assert main(fit) == 2
     assert "trains stage by stage" in capsys.readouterr().err
+
+
+def test_stages_that_chunk_differently(tmp_path):
+    """First-stage chunks the second stage does not hold (other ids, or the same id over other
+    text) stand for their whole document there."""
+    long = [Document(d.text + " " + d.text, d.id, d.metadata) for d in CORPUS]
+    first = bm25(chunk_size=6, chunk_overlap=0)
+    second = bm25(chunk_size=9, chunk_overlap=0)
+    first.add(long)
+    second.add(long)
+    hits = first.search(QUERY, k=4)
+    assert any(h.chunk_id in second.store.rows_by_id([h.chunk_id]) for h in hits)
+    docs = list(dict.fromkeys(h.document_id for h in hits))
+    same(
+        second.rerank(QUERY, hits, k=5),
+        second.search(QUERY, k=5, filter={"document_id": {"$in": docs}}),
+    )
+    # with the same chunking, a hit stands for its own chunk only
+    twin = bm25(chunk_size=6, chunk_overlap=0)
+    twin.add(long)
+    assert [h.chunk_id for h in twin.rerank(QUERY, hits[:1], k=5)] == [hits[0].chunk_id]
+    for r in (first, second, twin):
+        r.close()
+
+
+def test_nested_stages_are_checked_for_agreement():
+    inner = rerank()
+    inner.add(CORPUS)
+    other = bm25()
+    other.add(CORPUS[:3])
+    with pytest.raises(StageMismatchError):
+        Fusion([inner, other], depth=3)
+    other.add(CORPUS, on_duplicate="skip")
+    f = Fusion([inner, other], depth=3, show_progress=False)
+    assert f.document_ids() == {d.id for d in CORPUS}
+    f.close()

@@ -16,17 +16,33 @@ from .output import format_table, print_hits, write_results
 
 def cmd_index(args: argparse.Namespace) -> int:
     from ..retrievers import create_retriever, load_retriever
-    from ..retrievers.pipeline import is_index
+    from ..retrievers.pipeline import is_index, is_pipeline, read_pipeline
 
     docs = read_corpus(args.input, limit=args.limit)
     store = Path(args.store)
+    options = parse_options(args.option)
     t0 = time.perf_counter()
-    if is_index(store):
-        retriever = load_retriever(store, **parse_options(args.option))
+    if is_pipeline(store):
+        # the same command resumes: stage specs reopen the stages, and stages an interrupted
+        # run left behind the others catch up before the agreement check
+        import inspect
+
+        from ..retrievers import retriever_class
+
+        kind = read_pipeline(store)["kind"]
+        params = inspect.signature(retriever_class(kind)).parameters.values()
+        if all(p.name in options for p in params if p.default is inspect.Parameter.empty):
+            retriever = create_retriever(kind, path=str(store), check_stages=False, **options)
+        else:
+            retriever = load_retriever(store, check_stages=False, **options)
+    elif is_index(store):
+        retriever = load_retriever(store, **options)
     else:
-        retriever = create_retriever(args.retriever, path=str(store), **parse_options(args.option))
+        retriever = create_retriever(args.retriever, path=str(store), **options)
     # resumable: documents already stored (e.g. before an interruption) are skipped
     added = retriever.add(docs, on_duplicate="skip")
+    if callable(getattr(retriever, "check_stages", None)):
+        retriever.check_stages()
     print(
         f"indexed {len(added)} new documents ({len(docs) - len(added)} already present) into "
         f"{store} with {retriever.name}: {len(retriever)} chunks, "
@@ -47,14 +63,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     labels = read_labels(
         dataset=args.dataset, split=args.split, queries=args.queries, qrels=args.qrels
     )
+    from ..retrievers.pipeline import is_pipeline, read_pipeline
+
+    if is_pipeline(args.store):  # its stages are indexes of their own
+        m = read_pipeline(args.store)
+        raise InvalidInputError(
+            f"a {m['kind']} pipeline trains stage by stage: fit "
+            + " or ".join(str(Path(args.store) / role) for role in m["stages"])
+        )
     retriever = load_retriever(args.store)
     if getattr(retriever, "fit_config", None) is None:
-        stages = getattr(retriever, "stages", None)
-        if stages:  # a pipeline: its stages are indexes of their own
-            raise InvalidInputError(
-                f"a {retriever.name} pipeline trains stage by stage: fit "
-                + " or ".join(str(Path(args.store) / role) for role in stages)
-            )
         raise InvalidInputError(f"the {retriever.name} retriever has nothing to train")
     options = parse_options(args.option)
     for key, value in (

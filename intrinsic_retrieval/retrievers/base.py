@@ -239,6 +239,14 @@ class StoreRetriever(abc.ABC):
             raise InvalidInputError("the query generator wrote no usable query for any document")
         return queries, qrels
 
+    def document_ids(self) -> set[str]:
+        """Ids of the live documents."""
+        return self._store.document_ids()
+
+    def existing_document_ids(self, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` are live documents here."""
+        return self._store.existing_document_ids(ids)
+
     def documents(self) -> list[Document]:
         """Live documents reassembled from their chunks (chunk offsets put overlaps back)."""
         parts: dict[str, list[Chunk]] = {}
@@ -530,10 +538,10 @@ class StoreRetriever(abc.ABC):
         """Second stage: score only `candidates` (a first stage's ranking, best first) and
         return the best `k` of them (None: all); the rest of the store is never read.
 
-        A candidate is a chunk or document id, or a `Hit` from another retriever (its chunk
-        when this store has that chunk, else all chunks of its document, so stages may chunk
-        differently). A candidate this store lacks raises `StageMismatchError` naming it;
-        `filter` masks candidates as in `search`."""
+        A candidate is a chunk or document id, or a `Hit` from another retriever: it stands
+        for that chunk when this store holds a chunk with its id and text (the stages chunk
+        alike), else for all chunks of its document. A candidate this store lacks raises
+        `StageMismatchError` naming it; `filter` masks candidates as in `search`."""
         query = self.check_query(query)
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise InvalidInputError(f"k must be a positive int or None, got {k!r}")
@@ -542,18 +550,51 @@ class StoreRetriever(abc.ABC):
         items = list(candidates)
         if not all(isinstance(c, str | Hit) for c in items):
             raise InvalidInputError("candidates must be ids (str) or Hit objects")
+        groups = self._candidate_rows(items)
+        mask = self._store.candidate_mask(filter)
+        groups = [[r for r in g if bool(mask[r])] for g in groups]
+        rows = list(dict.fromkeys(r for g in groups for r in g))
+        if not rows:
+            return []
+        candidates_mask = torch.zeros_like(mask)
+        candidates_mask[rows] = True
+        heads = torch.tensor(list(dict.fromkeys(g[0] for g in groups if g)), dtype=torch.long)
+        with self.lock:
+            n = len(rows)
+            ranked = self._rerank(query, heads, candidates_mask, n if k is None else min(k, n))
+        return self._hits(*ranked, candidates_mask)
+
+    def _candidate_rows(self, items: Sequence[str | Hit]) -> list[list[int]]:
+        """The store rows each candidate stands for (see `rerank`), in order."""
         keys = [c if isinstance(c, str) else c.chunk_id for c in items]
         found = self._store.rows_by_id(keys + [c.document_id for c in items if isinstance(c, Hit)])
-        order: dict[int, None] = {}  # rows in the first stage's order, each once
+        chunk_rows = {key: rows for key, rows in found.items() if len(rows) == 1}
+        texts = {}
+        same_id = [
+            chunk_rows[c.chunk_id][0]
+            for c in items
+            if isinstance(c, Hit) and c.chunk_id in chunk_rows
+        ]
+        if same_id:
+            texts = {r: ch for r, ch in zip(same_id, self._store.get(same_id), strict=True)}
+        groups: list[list[int]] = []
         missing: list[str] = []
         for key, c in zip(keys, items, strict=True):
             rows = found.get(key)
-            if rows is None and isinstance(c, Hit):
-                rows = found.get(c.document_id)
+            if isinstance(c, Hit):
+                row = chunk_rows.get(c.chunk_id, [None])[0]
+                chunk = texts.get(row) if row is not None else None
+                same = (
+                    chunk is not None
+                    and chunk.id == c.chunk_id
+                    and chunk.document_id == c.document_id
+                    and chunk.text == c.text
+                )
+                rows = [row] if same else found.get(c.document_id)
             if rows is None:
                 missing.append(key)
             else:
-                order.update(dict.fromkeys(rows))
+                groups.append(rows)
         if missing:
             shown = ", ".join(repr(m) for m in missing[:5])
             raise StageMismatchError(
@@ -562,20 +603,12 @@ class StoreRetriever(abc.ABC):
                 "documents in every stage",
                 missing,
             )
-        mask = self._store.candidate_mask(filter)
-        rows_t = torch.tensor([r for r in order if bool(mask[r])], dtype=torch.long)
-        if not len(rows_t):
-            return []
-        candidates_mask = torch.zeros_like(mask)
-        candidates_mask[rows_t] = True
-        with self.lock:
-            n = len(rows_t)
-            ranked = self._rerank(query, rows_t, candidates_mask, n if k is None else min(k, n))
-        return self._hits(*ranked, candidates_mask)
+        return groups
 
-    def _rerank(self, query: str, rows: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:
-        """Top-`k` of `candidates` (mask) for one query as a second stage; `rows` are the same
-        rows in the first stage's order (INTRA takes its initial context from them)."""
+    def _rerank(self, query: str, heads: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:
+        """Top-`k` of `candidates` (mask) for one query as a second stage; `heads` holds one row
+        per candidate in the first stage's order (a document: its first chunk), from which
+        INTRA takes its initial context."""
         return self._score([query], candidates, k)[0]
 
     def _hits(

@@ -39,6 +39,7 @@ class Fusion(Pipeline):
         weights: Sequence[float] | None = None,
         path: str | PathLike[str] | None = None,
         check_stages: bool = True,
+        show_progress: bool | None = None,
     ) -> None:
         if isinstance(retrievers, str) or not isinstance(retrievers, Sequence) or not retrievers:
             raise InvalidInputError("retrievers must be a non-empty list of retrievers or names")
@@ -60,9 +61,14 @@ class Fusion(Pipeline):
             {"rrf_k": float(rrf_k), "depth": depth, "weights": [float(w) for w in weights]},
             path=path,
             check_stages=check_stages,
+            show_progress=show_progress,
         )
         self.rrf_k, self.depth = float(rrf_k), depth
         self.weights = [float(w) for w in weights]
+
+    @property
+    def max_k(self) -> int:
+        return self.depth
 
     def _search(self, queries: list[str], k: int, filter: Filter | None) -> list[list[Hit]]:
         if k > self.depth:
@@ -106,5 +112,11 @@ class Fusion(Pipeline):
 
     @classmethod
     def _from_stages(cls, stages: dict[str, Any], options: dict[str, Any], *, path: Path) -> Fusion:
-        ordered = [stages[role] for role in sorted(stages, key=lambda s: int(s[5:]))]
-        return cls(ordered, **options, path=path)
+        roles = [f"stage{i}" for i in range(len(stages))]
+        if sorted(stages) != sorted(roles):
+            from ..errors import StoreCorruptedError
+
+            raise StoreCorruptedError(
+                path / "pipeline.json", f"a fusion's stages are {roles}, not {list(stages)}"
+            )
+        return cls([stages[role] for role in roles], **options, path=path)

@@ -15,6 +15,7 @@ import shutil
 import statistics
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -33,6 +34,8 @@ from ..store.shards import atomic_write_json
 from ..types import DocumentLike, Hit, as_documents
 
 PIPELINE_FILE = "pipeline.json"
+#: per-query stage timings kept (the most recent ones)
+TIMINGS_KEPT = 10_000
 FORMAT_NAME = "intrinsic-retrieval/pipeline"
 FORMAT_VERSION = 1
 
@@ -50,7 +53,9 @@ def is_index(path: str | PathLike[str]) -> bool:
     return is_pipeline(path) or (Path(path) / "manifest.json").is_file()
 
 
-def _stage(spec: StageSpec, path: Path | None, role: str) -> Retriever:
+def _stage(
+    spec: StageSpec, path: Path | None, role: str, show_progress: bool | None = None
+) -> Retriever:
     """The retriever for `spec`: an object as given; a name or mapping opens the index at
     `path` when there is one (its options as overrides), else creates it there."""
     from . import create_retriever, load_retriever
@@ -72,8 +77,12 @@ def _stage(spec: StageSpec, path: Path | None, role: str) -> Retriever:
     name = options.pop("name", None)
     if not isinstance(name, str):
         raise InvalidInputError(f"the {role} stage's mapping needs a 'name' (a retriever name)")
+    if show_progress is not None:
+        options.setdefault("show_progress", show_progress)
     if path is not None and is_index(path):
-        r = load_retriever(path, **options)
+        # a nested pipeline's stage specs were for building it: it reopens as recorded
+        extra = {"show_progress": show_progress} if show_progress is not None else {}
+        r = load_retriever(path, **(extra if is_pipeline(path) else options))
         if getattr(r, "name", name) != name:
             got = getattr(r, "name", "?")
             r.close()  # type: ignore[attr-defined]
@@ -96,42 +105,75 @@ class Pipeline:
         *,
         path: str | PathLike[str] | None,
         check_stages: bool,
+        show_progress: bool | None = None,
     ) -> None:
+        """`show_progress`, when given, is passed to the stages built here by name."""
         self.lock = threading.RLock()
         self.options = dict(options)
         root = None if path is None else Path(path)
         if root is not None and root.exists() and not is_pipeline(root) and any(root.iterdir()):
             raise StoreError(f"refusing to build a {self.name} pipeline in {root}: it is not empty")
         self.roles = list(stages)
-        if root is not None and not is_pipeline(root):
+        if root is not None and is_pipeline(root):
+            found = read_pipeline(root)
+            if found["kind"] != self.name or found["stages"] != self.roles:
+                raise StoreError(
+                    f"{root} holds a {found['kind']!r} pipeline with stages {found['stages']}, "
+                    f"not a {self.name!r} pipeline with stages {self.roles}"
+                )
+        elif root is not None:
             # written first: a stage that fails to build leaves a pipeline that opens (and
             # builds the missing stage) next time; an existing one keeps its recorded options
             root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(root / PIPELINE_FILE, self._manifest())
         built: dict[str, Retriever] = {}
+        #: stages this pipeline opened or created (closed if construction fails; stages given
+        #: as objects belong to the caller)
+        self._owned = {role for role, spec in stages.items() if isinstance(spec, str | Mapping)}
         try:
             for role, spec in stages.items():
-                built[role] = _stage(spec, None if root is None else root / role, role)
+                built[role] = _stage(
+                    spec, None if root is None else root / role, role, show_progress
+                )
+            self.stages = built
+            self._path = root
+            #: recent per-query seconds of each stage since the last `reset_timings`
+            self.stage_seconds: dict[str, deque[float]] = {
+                role: deque(maxlen=TIMINGS_KEPT) for role in built
+            }
+            if check_stages:
+                self.check_stages()
         except BaseException:
-            for r in built.values():
-                getattr(r, "close", lambda: None)()
+            self._close_owned(built)
             raise
-        self.stages = built
-        self._path = root
-        #: per-query seconds of each stage since the last `reset_timings`
-        self.stage_seconds: dict[str, list[float]] = {role: [] for role in built}
-        if check_stages:
-            self.check_stages()
+
+    def _close_owned(self, stages: Mapping[str, Any] | None = None) -> None:
+        for role, r in (self.stages if stages is None else stages).items():
+            if role in self._owned:
+                getattr(r, "close", lambda: None)()
 
     # ------------------------------------------------------------------ agreement
+    def document_ids(self) -> set[str]:
+        """Live document ids (those of the stage whose chunks this pipeline returns)."""
+        return _document_ids(self.stages[self._returning_role()]) or set()
+
+    def existing_document_ids(self, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` any stage holds."""
+        ids = list(ids)
+        found: set[str] = set()
+        for r in self.stages.values():
+            fn = getattr(r, "existing_document_ids", None)
+            if callable(fn):
+                found |= fn(ids)
+        return found
+
     def check_stages(self) -> None:
-        """Raise `StageMismatchError` unless every stage with a store holds the same documents
-        (an `add` killed midway leaves the earlier stages ahead: open with
-        ``check_stages=False`` and repeat the `add` with ``on_duplicate="skip"``)."""
+        """Raise `StageMismatchError` unless every stage that can list its documents (library
+        retrievers and pipelines) holds the same ones. An `add` interrupted by Ctrl-C or a
+        killed process leaves some stages ahead: open with ``check_stages=False`` and repeat the
+        `add` with ``on_duplicate="skip"``."""
         held = {
-            role: r.store.document_ids()  # type: ignore[attr-defined]
-            for role, r in self.stages.items()
-            if hasattr(r, "store")
+            role: ids for role, r in self.stages.items() if (ids := _document_ids(r)) is not None
         }
         if len(held) < 2:
             return
@@ -152,29 +194,28 @@ class Pipeline:
 
     # ------------------------------------------------------------------ writes
     def add(self, documents: Iterable[DocumentLike], *, on_duplicate: str = "error") -> list[str]:
-        """Add to every stage in turn; if a stage fails, the documents this call added to the
-        earlier stages are deleted again and the error is raised."""
+        """Add to every stage in turn. If a stage raises an error, the documents this call
+        added are deleted again from every stage (the failing one's committed batches too) and
+        the error is raised. An interrupt (Ctrl-C) keeps what was written, so the same `add`
+        with ``on_duplicate="skip"`` resumes it."""
+        if on_duplicate not in ("error", "skip"):
+            raise InvalidInputError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
         docs = as_documents(documents)
-        added: dict[str, None] = {}
-        done: list[tuple[Retriever, list[str]]] = []
+        doc_ids = [str(d.id) for d in docs]
         with self.lock:
-            if on_duplicate == "error":  # refuse before any stage writes
-                for r in self.stages.values():
-                    if hasattr(r, "store"):
-                        from ..errors import DuplicateIdError
+            before = self.existing_document_ids(doc_ids)
+            if before and on_duplicate == "error":  # refuse before any stage writes
+                from ..errors import DuplicateIdError
 
-                        dup = r.store.existing_document_ids(d.id for d in docs if d.id)  # type: ignore[attr-defined]
-                        if dup:
-                            raise DuplicateIdError(sorted(dup))
+                raise DuplicateIdError(sorted(before))
+            added: dict[str, None] = {}
             try:
                 for r in self.stages.values():
-                    ids = r.add(docs, on_duplicate=on_duplicate)
-                    done.append((r, ids))
-                    added.update(dict.fromkeys(ids))
-            except BaseException:
-                for r, ids in done:
-                    if ids:
-                        r.delete(ids)
+                    added.update(dict.fromkeys(r.add(docs, on_duplicate=on_duplicate)))
+            except Exception:
+                fresh = [i for i in doc_ids if i not in before]
+                for r in self.stages.values():
+                    r.delete(fresh)
                 raise
         return list(added)
 
@@ -237,6 +278,11 @@ class Pipeline:
     def reset_timings(self) -> None:
         for v in self.stage_seconds.values():
             v.clear()
+
+    @property
+    def max_k(self) -> int | None:
+        """The most hits one search can return (None: no limit of its own)."""
+        return None
 
     def median_stage_ms(self) -> dict[str, float | None]:
         """Median milliseconds per query of each stage since `reset_timings`."""
@@ -305,19 +351,24 @@ class Pipeline:
             target = found
         root = Path(path)
         stages: dict[str, Any] = {}
-        for role in manifest["stages"]:
-            extra = overrides.pop(role, {})
-            if not isinstance(extra, Mapping):
-                raise InvalidInputError(f"overrides for the {role} stage must be a mapping")
-            if not is_index(root / role):
-                raise StoreCorruptedError(
-                    root / PIPELINE_FILE,
-                    f"its {role} stage is missing (a build that stopped midway: build the "
-                    "pipeline again with the same stages and path, which finishes it)",
-                )
-            from . import load_retriever
+        from . import load_retriever
 
-            stages[role] = load_retriever(root / role, **extra)
+        try:
+            for role in manifest["stages"]:
+                extra = overrides.pop(role, {})
+                if not isinstance(extra, Mapping):
+                    raise InvalidInputError(f"overrides for the {role} stage must be a mapping")
+                if not is_index(root / role):
+                    raise StoreCorruptedError(
+                        root / PIPELINE_FILE,
+                        f"its {role} stage is missing (a build that stopped midway: build the "
+                        "pipeline again with the same stages and path, which finishes it)",
+                    )
+                stages[role] = load_retriever(root / role, **extra)
+        except BaseException:
+            for r in stages.values():
+                r.close()
+            raise
         options = {**manifest["options"], **overrides}
         try:
             return target._from_stages(stages, options, path=root)  # type: ignore[return-value]
@@ -357,6 +408,12 @@ class Pipeline:
     def close(self) -> None:
         for r in self.stages.values():
             getattr(r, "close", lambda: None)()
+
+
+def _document_ids(r: Any) -> set[str] | None:
+    """A stage's live document ids, or None for a retriever that cannot list them."""
+    fn = getattr(r, "document_ids", None)
+    return fn() if callable(fn) else None
 
 
 def read_pipeline(path: str | PathLike[str]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class Rerank(Pipeline):
         candidates: int = 50,
         path: str | PathLike[str] | None = None,
         check_stages: bool = True,
+        show_progress: bool | None = None,
     ) -> None:
         if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
             raise InvalidInputError(f"candidates must be an int >= 1, got {candidates!r}")
@@ -47,14 +48,25 @@ class Rerank(Pipeline):
             {"candidates": candidates},
             path=path,
             check_stages=check_stages,
+            show_progress=show_progress,
         )
+        problem = None
         if not callable(getattr(self.second, "rerank", None)):
-            self.close()
-            raise InvalidInputError(
+            problem = (
                 f"the second stage must score a candidate subset of its own index (a library "
                 f"retriever); {type(self.second).__name__} has no rerank()"
             )
+        limit = getattr(self.first, "max_k", None)
+        if isinstance(limit, int) and candidates > limit:
+            problem = f"candidates={candidates} exceeds the {limit} hits the first stage can return"
+        if problem:
+            self._close_owned()
+            raise InvalidInputError(problem)
         self.candidates = candidates
+
+    @property
+    def max_k(self) -> int:
+        return self.candidates
 
     @property
     def first(self) -> Any:

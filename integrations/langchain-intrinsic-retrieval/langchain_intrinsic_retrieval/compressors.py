@@ -23,11 +23,14 @@ from intrinsic_retrieval.adapters import arun_locked, rerank_records
 SCORE_KEY = "relevance_score"
 
 
-def _key(doc: Document) -> tuple[str | None, str | None]:
+def _key(doc: Document) -> tuple[str | None, str | None, str]:
     meta = doc.metadata or {}
     chunk = meta.get("chunk_id") or doc.id
-    return (None if chunk is None else str(chunk)), (
-        None if meta.get("document_id") is None else str(meta["document_id"])
+    doc_id = meta.get("document_id")
+    return (
+        None if chunk is None else str(chunk),
+        None if doc_id is None else str(doc_id),
+        doc.page_content,
     )
 
 

@@ -620,13 +620,14 @@ class IntraRetriever(StoreRetriever):
             folded = self.retrieval_pass(query, c0.tolist())
         return self.score_folded(folded, candidates, k, c0)
 
-    def _rerank(self, query: str, rows: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:
+    def _rerank(self, query: str, heads: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:
         """As a second stage: the decoder reads C0 = the first stage's top `k0` candidates
-        (``rerank_context="first_stage"``) and Reverse-QWK scores exactly the candidates."""
+        (one chunk each; ``rerank_context="first_stage"``) and Reverse-QWK scores exactly the
+        candidates."""
         if self.mode == "encoder" or self.rerank_context == "encoder":
-            return super()._rerank(query, rows, candidates, k)
+            return super()._rerank(query, heads, candidates, k)
         self.check_length(query)
-        c0 = rows[: self.k0]
+        c0 = heads[: self.k0]
         assert self.head is not None
         with torch.no_grad():
             folded = self.retrieval_pass(query, c0.tolist())

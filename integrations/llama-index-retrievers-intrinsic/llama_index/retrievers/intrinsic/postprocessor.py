@@ -19,11 +19,15 @@ from intrinsic_retrieval import InvalidInputError, load_retriever
 from intrinsic_retrieval.adapters import arun_locked, rerank_records
 
 
-def _key(n: NodeWithScore) -> tuple[str | None, str | None]:
+def _key(n: NodeWithScore) -> tuple[str | None, str | None, str]:
     meta = n.node.metadata or {}
     chunk = meta.get("chunk_id") or n.node.node_id
     doc = meta.get("document_id") or n.node.ref_doc_id
-    return (None if chunk is None else str(chunk)), (None if doc is None else str(doc))
+    return (
+        None if chunk is None else str(chunk),
+        None if doc is None else str(doc),
+        n.node.get_content(),
+    )
 
 
 class IntrinsicRerank(BaseNodePostprocessor):
