@@ -292,6 +292,16 @@ class Pipeline:
         }
 
     # ------------------------------------------------------------------ persistence
+    def init_args(self) -> dict[str, Any]:
+        """The pipeline's options and, under each role, its stage's recorded options."""
+        return {
+            **self.options,
+            **{
+                role: r.init_args() if callable(getattr(r, "init_args", None)) else None
+                for role, r in self.stages.items()
+            },
+        }
+
     def _manifest(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,

