@@ -1,18 +1,24 @@
 """Second stages on the full SciFact corpus (5,183 documents, 300 test queries): BM25's top
 candidates reranked by in-context retrieval and by INTRA, and reciprocal-rank fusion of BM25 and
-dense, beside BM25 and dense in the same run. Reports nDCG@10 / R@10, median latency per stage,
-and the stored bytes per document of each index.
+dense, beside BM25 and dense in the same run. Reports nDCG@10 / R@10 / RR@10, median latency per
+stage, and the stored bytes per document of each index.
 
-Two phases, both resumable (stores live in `--workdir`, outside the repository):
+Phases (stores live in `--workdir`, outside the repository; every phase resumes):
 
-    python benchmarks/rerank_scifact.py --phase build   # index the corpus once per retriever
-    python benchmarks/rerank_scifact.py --phase eval --out benchmarks/results/rerank_scifact.json
+    python benchmarks/rerank_scifact.py --phase build --retrievers bm25,incontext,dense
+    python benchmarks/rerank_scifact.py --phase eval --fusion-first \
+        --out benchmarks/results/rerank_scifact.json
+    python benchmarks/rerank_scifact.py --phase int8 --queries 40 --candidates 20 \
+        --out benchmarks/results/rerank_int8_cost.json
 
 `build` indexes BM25, dense (all-MiniLM-L6-v2), in-context (Gemma 3 270M, one 300-token block
-per document, int8 K/V of every layer) and INTRA (Gemma 3 270M as T5Gemma2, trained on
-SciFact's training queries); an interrupted build resumes where it stopped (documents already
-stored are skipped). `eval` composes the stored indexes (`Rerank`, `Fusion`) without
-re-encoding anything.
+per document, int8 K/V of every layer) and INTRA (Gemma 3 270M as T5Gemma2, retrieval head and
+a rank-8 query LoRA trained on SciFact's training queries); an interrupted build resumes where it
+stopped (documents already stored are skipped). `eval` composes the stored indexes (`Rerank`,
+`Fusion`) without re-encoding anything; a store that is not complete is left out. `int8` measures
+what int8 K/V costs the in-context second stage against float16 on the same candidates.
+`--subset N` runs on N documents (all test positives kept) in its own `--workdir`;
+`--reuse-incontext` lets that run rerank from the full-corpus in-context store.
 """
 
 from __future__ import annotations
@@ -44,11 +50,23 @@ INTRA_FIT = {"lora_rank": 8, "n_candidates": 1024}
 
 
 def _data(args: argparse.Namespace) -> Any:
-    """The test split, on `--subset` documents when given (all test positives kept)."""
-    from intrinsic_retrieval.eval import load_beir
+    """The test split, on `--subset` documents when given: every test and training positive
+    (so INTRA trains on all its queries) plus random others (seed 0)."""
+    import random
+
+    from intrinsic_retrieval.eval import BeirDataset, load_beir
 
     data = load_beir(args.dataset, split="test")
-    return data.subset(args.subset, seed=0) if args.subset else data
+    if not args.subset:
+        return data
+    train = load_beir(args.dataset, split="train")
+    keep = {d for q in (data.qrels, train.qrels) for rel in q.values() for d, r in rel.items() if r}
+    keep &= set(data.corpus)
+    others = sorted(set(data.corpus) - keep)
+    random.Random(0).shuffle(others)
+    keep |= set(others[: max(0, args.subset - len(keep))])
+    corpus = {d: doc for d, doc in data.corpus.items() if d in keep}
+    return BeirDataset(f"{data.name}[{len(corpus)}]", corpus, data.queries, data.qrels)
 
 
 def build(args: argparse.Namespace) -> None:
@@ -100,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared/data/scifact"))
     ap.add_argument("--workdir", default=str(ROOT.parent / "stores/rerank_scifact"))
-    ap.add_argument("--phase", choices=["build", "eval"], required=True)
+    ap.add_argument("--phase", choices=["build", "eval", "int8"], required=True)
     ap.add_argument("--retrievers", default="bm25,dense,incontext,intra")
     ap.add_argument("--intra-epochs", type=int, default=1)
     ap.add_argument("--candidates", default="50,100", help="first-stage depths to rerank")
@@ -113,10 +131,7 @@ def main() -> None:
     ap.add_argument("--whole-corpus-queries", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results/rerank_scifact.json"))
     args = ap.parse_args()
-    if args.phase == "build":
-        build(args)
-    else:
-        evaluate(args)
+    {"build": build, "eval": evaluate, "int8": int8_cost}[args.phase](args)
 
 
 def _ready(work: Path, name: str, n_docs: int) -> bool:
@@ -255,6 +270,77 @@ def evaluate(args: argparse.Namespace) -> None:
     }
     write_result(args.out, result)
     print(json.dumps(rows, indent=1))
+
+
+def int8_cost(args: argparse.Namespace) -> None:
+    """What int8 K/V storage costs the in-context second stage: the same queries and the same
+    BM25 candidates reranked from the int8 full-corpus store and from a float16 store of just
+    the candidate documents (the second stage reads nothing else)."""
+    from intrinsic_retrieval import Rerank, create_retriever, load_retriever
+    from intrinsic_retrieval.eval.metrics import parse_measures
+    from intrinsic_retrieval.eval.runner import evaluate as run_eval
+
+    data = _data(args).sample_queries(args.queries or 40, seed=0)
+    n = int(args.candidates.split(",")[0])
+    work = Path(args.workdir)
+    bm25 = load_retriever(work / "bm25", show_progress=False)
+    int8 = load_retriever(work / "incontext", show_progress=False)
+    wanted = {h.document_id for hs in bm25.search_batch(list(data.queries.values()), k=n)
+              for h in hs}  # fmt: skip
+    path = work / f"incontext_fp16_q{len(data.queries)}_top{n}"
+    fp16 = (
+        load_retriever(path)
+        if (path / "manifest.json").exists()
+        else create_retriever(
+            "incontext", path=str(path), **{**STORES["incontext"], "store_dtype": "float16"}
+        )
+    )
+    t0 = time.perf_counter()
+    fp16.add([data.corpus[d] for d in sorted(wanted)], on_duplicate="skip")
+    index_s = time.perf_counter() - t0
+    measures = parse_measures(["nDCG@10", "R@10", "MRR@10"])
+    rows = []
+    for label, second in (("int8", int8), ("float16", fp16)):
+        r = Rerank(bm25, second, candidates=n, check_stages=False)
+        res = run_eval(r, data, name=label, k=10, batch_size=1, measures=measures)
+        bpd = second.bytes_per_chunk()
+        rows.append(
+            [
+                f"BM25 top-{n} -> in-context, {label} K/V",
+                res.metrics["nDCG@10"],
+                res.metrics["R@10"],
+                res.metrics["RR@10"],
+                r.median_stage_ms()["second"],
+                bpd.get("stored"),
+            ]
+        )
+        print(rows[-1], flush=True)
+    head = result_head(__file__, "rerank_int8_cost", "In-context second stage: int8 vs float16")
+    write_result(
+        args.out,
+        {
+            **head,
+            "tables": [
+                {
+                    "title": "The same candidates reranked from int8 and from float16 K/V",
+                    "columns": [
+                        "second stage",
+                        "nDCG@10",
+                        "R@10",
+                        "RR@10",
+                        "median ms / query (second stage)",
+                        "stored bytes / block",
+                    ],
+                    "rows": rows,
+                    "notes": [
+                        f"{len(data.queries)} SciFact test queries (seed 0), full corpus; the "
+                        f"float16 store holds the {len(wanted)} documents among BM25's top {n} "
+                        f"for them ({index_s:.0f} s to prefill)",
+                    ],
+                }
+            ],
+        },
+    )
 
 
 if __name__ == "__main__":

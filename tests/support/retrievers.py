@@ -122,13 +122,7 @@ def _generative(path: str | None = None):
     return tiny_retriever("t5", docids="atomic", num_beams=5, chunk_size=64, path=path)
 
 
-FACTORIES: dict[str, Callable[..., Any]] = {
-    "bm25": _bm25,
-    "dense": _dense,
-    "intra": _intra,
-    "incontext": _incontext,
-    "generative": _generative,
-}
+
 
 
 def _rerank(path: str | None = None):
@@ -144,13 +138,18 @@ def _fusion(path: str | None = None):
     return create_retriever("fusion", retrievers=["bm25", "dense"], path=path, show_progress=False)
 
 
-#: further configurations of registered retrievers, ``"<name>-<variant>"``, and the pipelines
-#: (the conformance suite runs them too)
-VARIANTS: dict[str, Callable[..., Any]] = {
-    "intra-encoder": _intra_encoder,
+FACTORIES: dict[str, Callable[..., Any]] = {
+    "bm25": _bm25,
+    "dense": _dense,
+    "intra": _intra,
+    "incontext": _incontext,
+    "generative": _generative,
     "rerank": _rerank,
     "fusion": _fusion,
 }
+#: further configurations of registered retrievers, ``"<name>-<variant>"`` (the conformance
+#: suite runs them too)
+VARIANTS: dict[str, Callable[..., Any]] = {"intra-encoder": _intra_encoder}
 
 
 def _index_generative(r) -> None:
