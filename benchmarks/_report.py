@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ def result_head(script: str, name: str, title: str) -> dict[str, Any]:
     """name, title, the reproducing command (this run's arguments) and the machine."""
     from intrinsic_retrieval.cli import machine_info
 
-    command = f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:])
+    command = f"python benchmarks/{Path(script).name} " + shlex.join(sys.argv[1:])
     return {
         "name": name,
         "title": title,

@@ -1,7 +1,7 @@
 """Render every benchmarks/results/*.json into docs/benchmarks.md.
 
 Each result file holds {"name", "command", "machine", "tables": [{"title", "columns", "rows",
-"notes"?}]}; this script only formats what the benchmarks measured.
+"notes"? (a string, or a list of them)}]}; this script only formats what the benchmarks measured.
 
     python benchmarks/render.py
 """
@@ -61,8 +61,11 @@ def render(results_dir: Path = HERE / "results") -> str:
             parts.append("|" + "---|" * len(cols))
             for row in table["rows"]:
                 parts.append("| " + " | ".join(_cell(v) for v in row) + " |")
-            if table.get("notes"):
-                parts.append(f"\n{table['notes']}")
+            notes = table.get("notes")
+            if isinstance(notes, list):  # one bullet per note
+                parts.append("\n" + "\n".join(f"- {n}" for n in notes))
+            elif notes:
+                parts.append(f"\n{notes}")
             parts.append("")
     return "\n".join(parts).rstrip() + "\n"
 

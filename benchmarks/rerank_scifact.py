@@ -24,6 +24,7 @@ what int8 K/V costs the in-context second stage against float16 on the same cand
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -118,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared/data/scifact"))
     ap.add_argument("--workdir", default=str(ROOT.parent / "stores/rerank_scifact"))
-    ap.add_argument("--phase", choices=["build", "eval", "int8"], required=True)
+    ap.add_argument("--phase", choices=["build", "eval", "int8", "dev"], required=True)
     ap.add_argument("--retrievers", default="bm25,dense,incontext,intra")
     ap.add_argument("--intra-epochs", type=int, default=1)
     ap.add_argument("--candidates", default="50,100", help="first-stage depths to rerank")
@@ -129,9 +130,14 @@ def main() -> None:
     )
     ap.add_argument("--fusion-first", action="store_true", help="also rerank RRF's top 50")
     ap.add_argument("--whole-corpus-queries", type=int, default=3)
+    ap.add_argument("--ic-options", help="JSON: a further in-context configuration to evaluate")
+    ap.add_argument("--ic-label", default="options chosen on training queries")
+    ap.add_argument(
+        "--dev-configs", help="dev: run only these DEV_CONFIGS (indices), adding to --out's rows"
+    )
     ap.add_argument("--out", default=str(HERE / "results/rerank_scifact.json"))
     args = ap.parse_args()
-    {"build": build, "eval": evaluate, "int8": int8_cost}[args.phase](args)
+    {"build": build, "eval": evaluate, "int8": int8_cost, "dev": dev}[args.phase](args)
 
 
 def _ready(work: Path, name: str, n_docs: int) -> bool:
@@ -161,38 +167,38 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"stores ready: {sorted(stores)}", flush=True)
     check = not args.reuse_incontext
     build_log = json.loads((work / "build.json").read_text())
-    contenders: list[tuple[str, Any]] = [("BM25", stores["bm25"])]
+    # (label, retriever, in-context query-time options in force while it runs)
+    contenders: list[tuple[str, Any, dict[str, Any]]] = [("BM25", stores["bm25"], {})]
     if "dense" in stores:
         contenders += [
-            ("dense (all-MiniLM-L6-v2)", stores["dense"]),
-            ("RRF(BM25, dense)", Fusion([stores["bm25"], stores["dense"]], depth=100)),
+            ("dense (all-MiniLM-L6-v2)", stores["dense"], {}),
+            ("RRF(BM25, dense)", Fusion([stores["bm25"], stores["dense"]], depth=100), {}),
         ]
+    ic_configs = {"": {}}
+    if args.ic_options:
+        ic_configs[f", {args.ic_label}"] = json.loads(args.ic_options)
     for n in (int(x) for x in args.candidates.split(",")):
-        if "incontext" in stores:
-            contenders.append(
-                (
-                    f"BM25 top-{n} -> in-context",
-                    Rerank(stores["bm25"], stores["incontext"], candidates=n, check_stages=check),
-                )
-            )
+        for suffix, options in ic_configs.items():
+            if "incontext" in stores and (n == 50 or options or len(ic_configs) == 1):
+                r = Rerank(stores["bm25"], stores["incontext"], candidates=n, check_stages=check)
+                contenders.append((f"BM25 top-{n} -> in-context{suffix}", r, options))
         if "intra" in stores:
-            contenders.append(
-                (f"BM25 top-{n} -> INTRA", Rerank(stores["bm25"], stores["intra"], candidates=n))
-            )
+            r = Rerank(stores["bm25"], stores["intra"], candidates=n)
+            contenders.append((f"BM25 top-{n} -> INTRA", r, {}))
     if "incontext" in stores and "dense" in stores and args.fusion_first:
         rrf = Fusion([stores["bm25"], stores["dense"]], depth=100)
-        contenders.append(
-            (
-                "RRF top-50 -> in-context",
-                Rerank(rrf, stores["incontext"], candidates=50, check_stages=check),
-            )
-        )
+        suffix, options = list(ic_configs.items())[-1]
+        r = Rerank(rrf, stores["incontext"], candidates=50, check_stages=check)
+        contenders.append((f"RRF top-50 -> in-context{suffix}", r, options))
     rows, results = [], []
-    for label, r in contenders:
+    for label, r, options in contenders:
         print(f"[{label}] {len(data.judged_queries())} queries", flush=True)
         if hasattr(r, "reset_timings"):
             r.reset_timings()
-        res = run_eval(r, data, name=label, k=10, batch_size=1, measures=measures)
+        ic = stores.get("incontext")
+        with ic.using(**options) if options else contextlib.nullcontext():
+            res = run_eval(r, data, name=label, k=10, batch_size=1, measures=measures)
+        res.extra["incontext_options"] = options
         stage_ms = r.median_stage_ms() if hasattr(r, "median_stage_ms") else {}
         res.extra["stage_ms"] = stage_ms
         results.append(res.to_dict())
@@ -341,6 +347,92 @@ def int8_cost(args: argparse.Namespace) -> None:
             ],
         },
     )
+
+
+#: query-time options of the in-context second stage compared on training queries (`dev`)
+DEV_CONFIGS: dict[str, dict[str, Any]] = {
+    "default (all layers, all tokens, calibrated)": {},
+    "scalable softmax auto": {"ssmax": "auto"},
+    "readout: query tokens only": {"readout_tokens": "query"},
+    "not calibrated": {"calibrate": False},
+    "readout layers 0-8": {"readout_layers": list(range(9))},
+    "readout layers 9-17": {"readout_layers": list(range(9, 18))},
+    "readout layers 0-5": {"readout_layers": list(range(6))},
+    "readout layers 0-8, scalable softmax auto": {
+        "readout_layers": list(range(9)),
+        "ssmax": "auto",
+    },
+    "readout layers 3-8": {"readout_layers": list(range(3, 9))},
+}
+
+
+def dev(args: argparse.Namespace) -> None:
+    """The in-context second stage's query-time options on SciFact *training* queries (the
+    full corpus, BM25's top `--candidates`), so that the test queries stay unseen."""
+    from intrinsic_retrieval import Rerank, load_retriever
+    from intrinsic_retrieval.eval import BeirDataset, load_beir
+    from intrinsic_retrieval.eval.metrics import parse_measures
+    from intrinsic_retrieval.eval.runner import evaluate as run_eval
+
+    train = load_beir(args.dataset, split="train")
+    train = BeirDataset(train.name + "-train", train.corpus, train.queries, train.qrels)
+    data = train.sample_queries(args.queries or 40, seed=0)
+    n = int(args.candidates.split(",")[0])
+    work = Path(args.workdir)
+    bm25 = load_retriever(work / "bm25", show_progress=False)
+    ic = load_retriever(work / "incontext", show_progress=False)
+    measures = parse_measures(["nDCG@10", "R@10", "MRR@10"])
+    chosen = [int(i) for i in args.dev_configs.split(",")] if args.dev_configs else None
+    earlier: list[str] = []
+    if chosen is not None:  # further configurations beside an earlier run's rows
+        before = json.loads(Path(args.out).read_text())
+        rows = before["tables"][0]["rows"]
+        earlier = [
+            n for n in before["tables"][0].get("notes", []) if n.startswith("earlier rows")
+        ] or [f"earlier rows: `{before['command']}` ({before['machine'].get('date')})"]
+    else:
+        bm = run_eval(bm25, data, k=10, batch_size=1, measures=measures)
+        rows = [["BM25", *_row(bm), None]]
+        print(rows[-1], flush=True)
+    for i, (label, options) in enumerate(DEV_CONFIGS.items()):
+        if chosen is not None and i not in chosen:
+            continue
+        r = Rerank(bm25, ic, candidates=n)
+        with ic.using(**options):
+            res = run_eval(r, data, name=label, k=10, batch_size=1, measures=measures)
+        rows.append(
+            [f"BM25 top-{n} -> in-context, {label}", *_row(res), r.median_stage_ms()["second"]]
+        )
+        print(rows[-1], flush=True)
+    head = result_head(__file__, "rerank_incontext_dev", "In-context second stage: options")
+    write_result(
+        args.out,
+        {
+            **head,
+            "tables": [
+                {
+                    "title": "Query-time options of the in-context reranker, on training queries",
+                    "columns": [
+                        "retriever",
+                        "nDCG@10",
+                        "R@10",
+                        "RR@10",
+                        "ms / query (second stage)",
+                    ],
+                    "rows": rows,
+                    "notes": [
+                        f"{len(data.queries)} SciFact training queries (seed 0) on the full "
+                        f"corpus (5,183 documents); BM25's top {n}; Gemma 3 270M, int8 K/V",
+                        *earlier,
+                    ],
+                }
+            ],
+        },
+    )
+
+
+def _row(res: Any) -> list[Any]:
+    return [res.metrics["nDCG@10"], res.metrics["R@10"], res.metrics["RR@10"]]
 
 
 if __name__ == "__main__":
