@@ -156,7 +156,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.queries:
         data = data.sample_queries(args.queries, seed=0)
     work = Path(args.workdir)
-    measures = parse_measures(["nDCG@10", "R@10", "MRR@10"])
+    measures = parse_measures(METRICS)
     stores = {
         n: load_retriever(work / n, show_progress=False)
         for n in STORES
@@ -304,7 +304,7 @@ def int8_cost(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     fp16.add([data.corpus[d] for d in sorted(wanted)], on_duplicate="skip")
     index_s = time.perf_counter() - t0
-    measures = parse_measures(["nDCG@10", "R@10", "MRR@10"])
+    measures = parse_measures(METRICS)
     rows = []
     for label, second in (("int8", int8), ("float16", fp16)):
         r = Rerank(bm25, second, candidates=n, check_stages=False)
@@ -313,39 +313,23 @@ def int8_cost(args: argparse.Namespace) -> None:
         rows.append(
             [
                 f"BM25 top-{n} -> in-context, {label} K/V",
-                res.metrics["nDCG@10"],
-                res.metrics["R@10"],
-                res.metrics["RR@10"],
+                *_row(res),
                 r.median_stage_ms()["second"],
                 bpd.get("stored"),
             ]
         )
         print(rows[-1], flush=True)
-    head = result_head(__file__, "rerank_int8_cost", "In-context second stage: int8 vs float16")
-    write_result(
-        args.out,
-        {
-            **head,
-            "tables": [
-                {
-                    "title": "The same candidates reranked from int8 and from float16 K/V",
-                    "columns": [
-                        "second stage",
-                        "nDCG@10",
-                        "R@10",
-                        "RR@10",
-                        "median ms / query (second stage)",
-                        "stored bytes / block",
-                    ],
-                    "rows": rows,
-                    "notes": [
-                        f"{len(data.queries)} SciFact test queries (seed 0), full corpus; the "
-                        f"float16 store holds the {len(wanted)} documents among BM25's top {n} "
-                        f"for them ({index_s:.0f} s to prefill)",
-                    ],
-                }
-            ],
-        },
+    _write_table(
+        args,
+        ("rerank_int8_cost", "In-context second stage: int8 vs float16"),
+        "The same candidates reranked from int8 and from float16 K/V",
+        ["second stage", *METRICS, "median ms / query (second stage)", "stored bytes / block"],
+        rows,
+        [
+            f"{len(data.queries)} SciFact test queries (seed 0), full corpus; the float16 store "
+            f"holds the {len(wanted)} documents among BM25's top {n} for them ({index_s:.0f} s "
+            "to prefill)",
+        ],
     )
 
 
@@ -381,7 +365,7 @@ def dev(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     bm25 = load_retriever(work / "bm25", show_progress=False)
     ic = load_retriever(work / "incontext", show_progress=False)
-    measures = parse_measures(["nDCG@10", "R@10", "MRR@10"])
+    measures = parse_measures(METRICS)
     chosen = [int(i) for i in args.dev_configs.split(",")] if args.dev_configs else None
     earlier: list[str] = []
     if chosen is not None:  # further configurations beside an earlier run's rows
@@ -404,35 +388,40 @@ def dev(args: argparse.Namespace) -> None:
             [f"BM25 top-{n} -> in-context, {label}", *_row(res), r.median_stage_ms()["second"]]
         )
         print(rows[-1], flush=True)
-    head = result_head(__file__, "rerank_incontext_dev", "In-context second stage: options")
-    write_result(
-        args.out,
-        {
-            **head,
-            "tables": [
-                {
-                    "title": "Query-time options of the in-context reranker, on training queries",
-                    "columns": [
-                        "retriever",
-                        "nDCG@10",
-                        "R@10",
-                        "RR@10",
-                        "ms / query (second stage)",
-                    ],
-                    "rows": rows,
-                    "notes": [
-                        f"{len(data.queries)} SciFact training queries (seed 0) on the full "
-                        f"corpus (5,183 documents); BM25's top {n}; Gemma 3 270M, int8 K/V",
-                        *earlier,
-                    ],
-                }
-            ],
-        },
+    _write_table(
+        args,
+        ("rerank_incontext_dev", "In-context second stage: options"),
+        "Query-time options of the in-context reranker, on training queries",
+        ["retriever", *METRICS, "ms / query (second stage)"],
+        rows,
+        [
+            f"{len(data.queries)} SciFact training queries (seed 0) on the full corpus (5,183 "
+            f"documents); BM25's top {n}; Gemma 3 270M, int8 K/V",
+            *earlier,
+        ],
     )
 
 
+#: the measures every table of this benchmark reports
+METRICS = ["nDCG@10", "R@10", "RR@10"]
+
+
 def _row(res: Any) -> list[Any]:
-    return [res.metrics["nDCG@10"], res.metrics["R@10"], res.metrics["RR@10"]]
+    return [res.metrics[m] for m in METRICS]
+
+
+def _write_table(
+    args: argparse.Namespace,
+    name_title: tuple[str, str],
+    title: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    notes: list[str],
+) -> None:
+    """One result file holding one table (rendered by render.py)."""
+    head = result_head(__file__, *name_title)
+    table = {"title": title, "columns": columns, "rows": rows, "notes": notes}
+    write_result(args.out, {**head, "tables": [table]})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import InvalidInputError, StoreCorruptedError, StoreNotFoundError
-from .protocol import Retriever
+from .protocol import Retriever, check_k, check_query
 from .store.shards import atomic_write_json
 from .types import Hit
 
@@ -125,13 +125,17 @@ def check_retriever(retriever: Any) -> Retriever:
     return retriever
 
 
-def check_k(k: Any, name: str = "k") -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise InvalidInputError(f"{name} must be a positive int, got {k!r}")
-    return k
-
-
 # ---------------------------------------------------------------------- reranking
+def check_reranker(retriever: Any) -> Any:
+    """A retriever that can rerank: it scores a subset of its own index (`rerank`)."""
+    if not callable(getattr(retriever, "rerank", None)):
+        raise InvalidInputError(
+            "a reranker needs a library retriever that scores a subset of its own index "
+            f"(with rerank()); got {type(retriever).__name__}"
+        )
+    return retriever
+
+
 def rerank_records(
     retriever: Any,
     query: str,
@@ -147,11 +151,7 @@ def rerank_records(
     not indexed raises `StageMismatchError`."""
     query = check_query(query)
     top_n = check_k(top_n, "top_n")
-    if not callable(getattr(retriever, "rerank", None)):
-        raise InvalidInputError(
-            f"a reranker needs a library retriever that scores a subset of its own index; "
-            f"{type(retriever).__name__} has no rerank()"
-        )
+    check_reranker(retriever)
     candidates: list[Hit] = []
     for i, (chunk_id, doc_id, text) in enumerate(keys):
         if chunk_id is None and doc_id is None:
@@ -178,14 +178,6 @@ def rerank_records(
         if len(out) >= top_n:
             break
     return out[:top_n]
-
-
-def check_query(query: Any) -> str:
-    if not isinstance(query, str) or not query.strip():
-        from .errors import EmptyQueryError
-
-        raise EmptyQueryError(f"query must be a non-empty str, got {query!r:.60}")
-    return query
 
 
 # ---------------------------------------------------------------------- persistence
@@ -270,6 +262,7 @@ __all__ = [
     "RESULT_KEYS",
     "arun_locked",
     "check_k",
+    "check_reranker",
     "check_retriever",
     "load_with_config",
     "model_lock",

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from os import PathLike
 from typing import Any, Protocol, Self, runtime_checkable
 
+from .errors import EmptyQueryError, InvalidInputError
 from .types import DocumentLike, Hit
 
 #: A metadata filter: ``{"field": value}`` for equality, ``{"field": {"$gte": 3}}`` for
@@ -44,3 +45,26 @@ class Retriever(Protocol):
     def __len__(self) -> int:
         """Number of live chunks."""
         ...
+
+
+def check_query(query: Any) -> str:
+    """A query every retriever accepts: a non-blank str."""
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be str, got {type(query).__name__}")
+    if not query.strip():
+        raise EmptyQueryError("query is empty")
+    return query
+
+
+def check_k(k: Any, name: str = "k") -> int:
+    """A result count: a positive int (not a bool)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInputError(f"{name} must be a positive int, got {k!r}")
+    return k
+
+
+def check_queries(queries: Any, k: Any) -> tuple[list[str], int]:
+    """`search_batch`'s arguments: a list of queries (not one str) and `k`."""
+    if isinstance(queries, str):
+        raise InvalidInputError("search_batch takes a list of queries; use search() for one")
+    return [check_query(q) for q in queries], check_k(k)

@@ -29,7 +29,6 @@ from ..chunking import Chunker, Spanner, check_unique_ids
 from ..errors import (
     DuplicateIdError,
     EmptyCorpusError,
-    EmptyQueryError,
     IdCollisionError,
     InvalidInputError,
     RetrievalError,
@@ -37,7 +36,7 @@ from ..errors import (
     StoreCorruptedError,
     StoreError,
 )
-from ..protocol import Filter
+from ..protocol import Filter, check_k, check_queries, check_query
 from ..store import EncodedChunkStore, TensorSpec
 from ..training import FitConfig, FitReport, LabeledQueries
 from ..types import Chunk, Document, DocumentLike, Hit, as_documents
@@ -495,11 +494,7 @@ class StoreRetriever(abc.ABC):
 
     # ------------------------------------------------------------------ search
     def check_query(self, query: Any) -> str:
-        if not isinstance(query, str):
-            raise InvalidInputError(f"query must be str, got {type(query).__name__}")
-        if not query.strip():
-            raise EmptyQueryError("query is empty")
-        return query
+        return check_query(query)
 
     def _warn_truncated(self, what: str, n_tokens: int, limit: int) -> None:
         warnings.warn(
@@ -513,11 +508,8 @@ class StoreRetriever(abc.ABC):
     def search_batch(
         self, queries: Sequence[str], k: int = 10, filter: Filter | None = None
     ) -> list[list[Hit]]:
-        if isinstance(queries, str):
-            raise InvalidInputError("search_batch takes a list of queries; use search() for one")
-        queries = [self.check_query(q) for q in queries]
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InvalidInputError(f"k must be a positive int, got {k!r}")
+        queries, k = check_queries(queries, k)
+        queries = [self.check_query(q) for q in queries]  # a retriever's own limits, too
         if not queries:
             return []
         candidates = self._store.candidate_mask(filter)
@@ -543,8 +535,8 @@ class StoreRetriever(abc.ABC):
         alike), else for all chunks of its document. A candidate this store lacks raises
         `StageMismatchError` naming it; `filter` masks candidates as in `search`."""
         query = self.check_query(query)
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise InvalidInputError(f"k must be a positive int or None, got {k!r}")
+        if k is not None:
+            check_k(k)
         if isinstance(candidates, str | Hit) or not isinstance(candidates, Iterable):
             raise InvalidInputError("candidates must be a list of ids or hits")
         items = list(candidates)

@@ -29,7 +29,7 @@ from ..errors import (
     StoreNotFoundError,
     StoreVersionError,
 )
-from ..protocol import Filter, Retriever
+from ..protocol import Filter, Retriever, check_queries
 from ..store.shards import atomic_write_json
 from ..types import DocumentLike, Hit, as_documents
 
@@ -240,30 +240,13 @@ class Pipeline:
         """The stage whose chunks the hits are (and `len` counts)."""
         return next(iter(self.stages))
 
-    def check_query(self, query: Any) -> str:
-        from ..errors import EmptyQueryError
-
-        if not isinstance(query, str):
-            raise InvalidInputError(f"query must be str, got {type(query).__name__}")
-        if not query.strip():
-            raise EmptyQueryError("query is empty")
-        return query
-
-    def _check_k(self, k: Any) -> int:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InvalidInputError(f"k must be a positive int, got {k!r}")
-        return k
-
     def search(self, query: str, k: int = 10, filter: Filter | None = None) -> list[Hit]:
         return self.search_batch([query], k=k, filter=filter)[0]
 
     def search_batch(
         self, queries: Sequence[str], k: int = 10, filter: Filter | None = None
     ) -> list[list[Hit]]:
-        if isinstance(queries, str):
-            raise InvalidInputError("search_batch takes a list of queries; use search() for one")
-        queries = [self.check_query(q) for q in queries]
-        k = self._check_k(k)
+        queries, k = check_queries(queries, k)
         if not queries:
             return []
         with self.lock:

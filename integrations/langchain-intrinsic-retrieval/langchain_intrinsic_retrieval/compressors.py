@@ -16,8 +16,8 @@ from langchain_core.documents import Document
 from langchain_core.documents.compressor import BaseDocumentCompressor
 from pydantic import ConfigDict, Field, field_validator
 
-from intrinsic_retrieval import InvalidInputError, load_retriever
-from intrinsic_retrieval.adapters import arun_locked, rerank_records
+from intrinsic_retrieval import load_retriever
+from intrinsic_retrieval.adapters import arun_locked, check_reranker, rerank_records
 
 #: metadata key of the second stage's score (the key LangChain's rerankers use)
 SCORE_KEY = "relevance_score"
@@ -63,12 +63,7 @@ class IntrinsicReranker(BaseDocumentCompressor):
     @field_validator("retriever")
     @classmethod
     def _check_retriever(cls, value: Any) -> Any:
-        if not callable(getattr(value, "rerank", None)):
-            raise InvalidInputError(
-                "IntrinsicReranker needs a library retriever that scores a subset of its own "
-                f"index (with rerank()); got {type(value).__name__}"
-            )
-        return value
+        return check_reranker(value)
 
     @classmethod
     def from_path(

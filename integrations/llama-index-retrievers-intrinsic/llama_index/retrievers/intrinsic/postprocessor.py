@@ -16,7 +16,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 from pydantic import Field, field_validator
 
 from intrinsic_retrieval import InvalidInputError, load_retriever
-from intrinsic_retrieval.adapters import arun_locked, rerank_records
+from intrinsic_retrieval.adapters import arun_locked, check_reranker, rerank_records
 
 
 def _key(n: NodeWithScore) -> tuple[str | None, str | None, str]:
@@ -41,12 +41,7 @@ class IntrinsicRerank(BaseNodePostprocessor):
     @field_validator("retriever")
     @classmethod
     def _check_retriever(cls, value: Any) -> Any:
-        if not callable(getattr(value, "rerank", None)):
-            raise InvalidInputError(
-                "IntrinsicRerank needs a library retriever that scores a subset of its own "
-                f"index (with rerank()); got {type(value).__name__}"
-            )
-        return value
+        return check_reranker(value)
 
     @classmethod
     def class_name(cls) -> str:
