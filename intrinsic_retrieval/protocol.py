@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -63,8 +63,11 @@ def check_k(k: Any, name: str = "k") -> int:
     return k
 
 
-def check_queries(queries: Any, k: Any) -> tuple[list[str], int]:
-    """`search_batch`'s arguments: a list of queries (not one str) and `k`."""
+def check_queries(
+    queries: Any, k: Any, check: Callable[[Any], str] = check_query
+) -> tuple[list[str], int]:
+    """`search_batch`'s arguments: a list of queries (not one str), each passing `check` (a
+    retriever may add its own limits), and `k`."""
     if isinstance(queries, str):
         raise InvalidInputError("search_batch takes a list of queries; use search() for one")
-    return [check_query(q) for q in queries], check_k(k)
+    return [check(q) for q in queries], check_k(k)

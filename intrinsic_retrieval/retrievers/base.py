@@ -508,8 +508,7 @@ class StoreRetriever(abc.ABC):
     def search_batch(
         self, queries: Sequence[str], k: int = 10, filter: Filter | None = None
     ) -> list[list[Hit]]:
-        queries, k = check_queries(queries, k)
-        queries = [self.check_query(q) for q in queries]  # a retriever's own limits, too
+        queries, k = check_queries(queries, k, self.check_query)
         if not queries:
             return []
         candidates = self._store.candidate_mask(filter)
