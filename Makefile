@@ -7,7 +7,7 @@ SMOLLM2 := .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 GEMMA3 := .models/gemma3/gemma-3-270m-q4_k_m.gguf
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup models demo test test-all lint bench clean
+.PHONY: setup models demo test test-all lint bench clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ test: setup models
 
 test-all: setup models
 	$(BIN)/python -m pytest
+
+# On a GPU machine: the CUDA paths checked against the CPU and timed (benchmarks/gpu_check.py).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -101,6 +101,98 @@ def test_scoring_options_return_valid_rankings(tiny_llama: str, tmp_path: Path, 
     assert scores == sorted(scores, reverse=True)
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"ssmax": "auto", "store_dtype": "int8"}, {"readout_tokens": "query", "kv_source": "ram"}],
+)
+def test_search_batch_shares_one_pass_and_equals_single_searches(
+    tiny_llama: str, tmp_path: Path, opts
+) -> None:
+    """Queries of different lengths right-padded into one pass rank exactly as one by one,
+    whether they fit one query batch or several, and with a filter."""
+    r = make(tiny_llama, tmp_path, query_batch=2, **opts)
+    r.add(DOCS)
+    queries = ["fox", "cancer cells protein gene study of mice", "blood risk", "dog jumps"]
+    for flt in (None, {"topic": "bio"}):
+        batch = r.search_batch(queries, k=3, filter=flt)
+        for q, got in zip(queries, batch, strict=True):
+            one = r.search(q, k=3, filter=flt)
+            assert [h.chunk_id for h in got] == [h.chunk_id for h in one]
+            for a, b in zip(got, one, strict=True):
+                assert a.score == pytest.approx(b.score, abs=1e-5)
+    with pytest.raises(InvalidInputError):
+        r.configure(query_batch=0)
+
+
+TOPIC_DOCS = [
+    {"id": f"t{i}", "text": f"topic {w} number {i} about {w}"}
+    for i, w in enumerate(["fox", "cells", "blood", "dog", "solar", "river", "jazz", "gene"])
+]
+TOPIC_QUERIES = {f"what about {d['text'].split()[1]}?": d["id"] for d in TOPIC_DOCS}
+
+
+def test_readout_fit_trains_a_query_lora_that_persists(tiny_llama: str, tmp_path: Path) -> None:
+    """BlockSearch-style training on stored blocks: the loss falls, the stored K/V are not
+    touched, the query LoRA reloads with the store, batch and single searches agree with it,
+    and a checkpoint from another corpus is refused."""
+    from intrinsic_retrieval.errors import CheckpointMismatchError
+
+    r = make(tiny_llama, tmp_path, max_doc_tokens=32, ssmax="auto", route_layer=0, route_top=4)
+    r.add(TOPIC_DOCS)
+    k_before = r.store.varlen("k", [0])[0].clone()
+    fp = r.fingerprint
+    report = r.fit(
+        TOPIC_QUERIES, objective="readout", candidates=6, hard_negatives=2, epochs=20,
+        lr=1e-2, batch_size=4, show_progress=False, checkpoint_dir=str(tmp_path / "ck"),
+    )  # fmt: skip
+    losses = report.losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    # rank 8 on every layer's query projection, nothing else
+    assert report.trainable_params == sum(
+        8 * (p.in_features + p.out_features) for p in r.query_projs()
+    )
+    assert torch.equal(r.store.varlen("k", [0])[0], k_before) and r.fingerprint == fp
+    assert r.query_lora is not None
+    queries = list(TOPIC_QUERIES)
+    before = [[(h.chunk_id, h.score) for h in r.search(q, k=3)] for q in queries]
+    r2 = InContextRetriever.load(tmp_path / "idx", show_progress=False)
+    assert r2.query_lora is not None
+    after = [[(h.chunk_id, h.score) for h in r2.search(q, k=3)] for q in queries]
+    assert [[c for c, _ in x] for x in after] == [[c for c, _ in x] for x in before]
+    r2.configure(route_layer=None)
+    batch = r2.search_batch(queries, k=3)
+    for q, got in zip(queries, batch, strict=True):
+        assert [h.chunk_id for h in got] == [h.chunk_id for h in r2.search(q, k=3)]
+    # the same checkpoint folder with another corpus: refused, not resumed
+    other = make(tiny_llama, tmp_path / "o", max_doc_tokens=32)
+    other.add(TOPIC_DOCS[:5])
+    with pytest.raises(CheckpointMismatchError):
+        other.fit(
+            {q: d for q, d in TOPIC_QUERIES.items() if d in {"t0", "t1"}}, objective="readout",
+            candidates=3, hard_negatives=1, show_progress=False,
+            checkpoint_dir=str(tmp_path / "ck"),
+        )  # fmt: skip
+
+
+def test_readout_fit_refusals(tiny_llama: str, tmp_path: Path) -> None:
+    r = make(tiny_llama, tmp_path, max_doc_tokens=32)
+    r.add(TOPIC_DOCS)
+    with pytest.raises(InvalidInputError, match="objective"):
+        r.fit(TOPIC_QUERIES, objective="bogus")
+    with pytest.raises(InvalidInputError, match="candidates"):
+        r.fit(TOPIC_QUERIES, objective="readout", candidates=1)
+    with pytest.raises(InvalidInputError, match="temperature"):
+        r.fit(TOPIC_QUERIES, objective="readout", temperature=0)
+    r.fit(TOPIC_QUERIES, objective="readout", candidates=4, max_steps=1, show_progress=False)
+    # a query LoRA recorded for another model is refused when the store opens
+    tensors, meta = r.store.get_aux("query_lora")
+    r.store.put_aux(
+        "query_lora", {k: v.clone() for k, v in tensors.items()}, {**meta, "model": "x"}
+    )
+    with pytest.raises(ModelMismatchError):
+        InContextRetriever.load(tmp_path / "idx", show_progress=False)
+
+
 def test_routing_with_all_documents_equals_no_routing(tiny_llama: str, tmp_path: Path) -> None:
     plain = make(tiny_llama, tmp_path / "p")
     plain.add(DOCS)

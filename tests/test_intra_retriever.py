@@ -92,6 +92,22 @@ def test_search_equals_brute_force(models: Path, tmp_path: Path, arch: str) -> N
     assert [h.score for h in hits] == pytest.approx(want_scores, rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["intra", "encoder"])
+def test_search_batch_shares_encoder_and_scan_and_equals_single_searches(
+    models: Path, tmp_path: Path, mode: str
+) -> None:
+    r = make(models, tmp_path, "t5gemma2")
+    r.add(DOCS)
+    queries = ["vaccine", "river ecology of fish in the north", "solar panels", "gene"]
+    with r.using(mode=mode):
+        for flt in (None, {"topic": "vaccine trials"}):
+            batch = r.search_batch(queries, k=4, filter=flt)
+            for q, got in zip(queries, batch, strict=True):
+                one = r.search(q, k=4, filter=flt)
+                assert [h.chunk_id for h in got] == [h.chunk_id for h in one]
+                assert [h.score for h in got] == pytest.approx([h.score for h in one], abs=1e-4)
+
+
 def test_retrieval_pass_reads_c0_and_tokens(models: Path, tmp_path: Path) -> None:
     """The retrieval tokens' queries depend on C0 (they attend to it), and C0 = {} works."""
     r = make(models, tmp_path, "t5")

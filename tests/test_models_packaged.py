@@ -125,3 +125,51 @@ def test_incontext_packaged_names_resolve_or_name_the_make_target(
     assert icr.packaged_model_path("gemma3") == str(target.resolve())
     assert icr.packaged_model_path("/some/dir") == "/some/dir"
     assert icr.DEFAULT_MODEL in icr.PACKAGED_MODELS
+
+
+def _slow_writer(gguf_path: Path, into: Path) -> None:
+    """Stands in for transformers' dequantisation: slow enough for two processes to overlap;
+    records each call."""
+    import os
+    import time
+
+    with open(gguf_path.parent / "calls.log", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(1.0)
+    (into / "model.safetensors").write_bytes(b"weights")
+    (into / "config.json").write_text("{}")
+
+
+def _copy_in_child(gguf: str, out: str) -> None:
+    from intrinsic_retrieval.models import loading
+
+    loading._write_dequantised = _slow_writer  # the forked child keeps the test's stand-in
+    Path(out).write_text(str(loading.dequantised_copy(Path(gguf))))
+
+
+def test_dequantised_copy_two_processes_make_one_copy(tmp_path: Path) -> None:
+    """Two processes asking for the same GGUF's copy at once: one dequantises, the other waits
+    and maps the same folder; no temporary folder is left and the key is the file's sha256."""
+    import hashlib
+    import multiprocessing as mp
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(200)))
+    ctx = mp.get_context("fork")
+    procs = [
+        ctx.Process(target=_copy_in_child, args=(str(gguf), str(tmp_path / f"out{i}")))
+        for i in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    outs = {(tmp_path / f"out{i}").read_text() for i in range(2)}
+    assert len(outs) == 1
+    folder = Path(outs.pop())
+    assert (folder / "config.json").is_file()
+    assert folder.name.endswith(hashlib.sha256(gguf.read_bytes()).hexdigest()[:16])
+    assert len((tmp_path / "calls.log").read_text().split()) == 1
+    leftovers = [p for p in folder.parent.iterdir() if p.name.startswith(".m-")]
+    assert leftovers == []

@@ -209,6 +209,15 @@ def test_many_appends_make_many_shards_and_read_across_them(tmp_path):
         assert all(torch.equal(g, t[name][r]) for g, r in zip(got, order, strict=True))
     assert store.varlen("states", torch.tensor(order))[0].shape == t["states"][14].shape
     assert store.varlen("states", []) == []
+    # runs of consecutive rows in one shard come back as one slice each, in order
+    for rows in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [2, 3, 4, 9, 10, 0], [6]):
+        runs = store.varlen_runs("states", rows)
+        assert torch.equal(torch.cat(runs), torch.cat([t["states"][r] for r in rows]))
+    assert len(store.varlen_runs("states", list(range(n)))) == len(sizes)  # one per shard
+    # [2 3 4], [9], [10], [0]: rows 9 and 10 lie in two shards
+    assert len(store.varlen_runs("states", [2, 3, 4, 9, 10, 0])) == 4
+    with pytest.raises(UnknownIdError):
+        store.varlen_runs("states", [n])
     with pytest.raises(UnknownIdError):
         store.varlen("states", [n])
     with pytest.raises(UnknownIdError):

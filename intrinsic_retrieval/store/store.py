@@ -966,6 +966,31 @@ class EncodedChunkStore:
                 out.append(flat[int(off[local]) : int(off[local + 1])])
             return out
 
+    def varlen_runs(self, name: str, rows: Iterable[int]) -> list[torch.Tensor]:
+        """Zero-copy views of a variable-length tensor for `rows`, one per run of consecutive
+        rows in one shard (``(sum of the run's lengths, *shape)``), in the order of `rows`:
+        a scan over many rows reads a few long slices instead of one view per row."""
+        self._spec(name, "varlen")
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
+        arr = np.fromiter((int(r) for r in rows), dtype=np.int64)
+        self._check_rows_in_range(arr)
+        with self._mutex:
+            shards = self._manifest["shards"]
+            which = np.searchsorted(self._starts, arr, side="right") - 1
+            out: list[torch.Tensor] = []
+            i = 0
+            while i < len(arr):
+                j, s = i + 1, int(which[i])
+                while j < len(arr) and arr[j] == arr[j - 1] + 1 and which[j] == s:
+                    j += 1
+                data = self._shard_data(shards[s])
+                off, start = data[f"{name}.offsets"], shards[s]["start"]
+                lo, hi = int(arr[i]) - start, int(arr[j - 1]) - start + 1
+                out.append(data[name][int(off[lo]) : int(off[hi])])
+                i = j
+            return out
+
     def varlen_all(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of a variable-length tensor at once: ``(flat (total, *shape), offsets
         (num_rows + 1,))``, row i being ``flat[offsets[i]:offsets[i + 1]]`` (tombstones

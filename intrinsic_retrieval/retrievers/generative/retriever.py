@@ -609,7 +609,9 @@ class GenerativeDocidRetriever(StoreRetriever):
         if not allowed:
             return [[] for _ in queries]
         out: list[list[tuple[int, float]]] = []
-        bs = 32
+        # beam search runs queries x beams sequences: 8 queries at a time measured fastest
+        # (32 queries in 0.66x the time of 32 single searches; 32 at once took 1.2x; CPU)
+        bs = 32 if self.scheme == "atomic" else 8
         for i in range(0, len(queries), bs):
             part = list(queries[i : i + bs])
             if self.scheme == "atomic":

@@ -20,33 +20,47 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...models.architectures import DecoderOnlyArch
 from ...models.quant import dequantize_int8
 from ...models.quant import quantize_int8 as quantize_int8  # re-exported (moved to models.quant)
-from .blockattn import BatchLogits, attend_batch, masked_logits, maxsim_scores, resolve_backend
+from .blockattn import BatchLogits, attend_batch, doc_maxima, maxsim_scores, resolve_backend
 
 if TYPE_CHECKING:
     from .kv import KVSource
 
 
-def pad_layer(
-    rows: Sequence[torch.Tensor],
-    scales: Sequence[torch.Tensor] | None,
-    layer: int,
-    lengths: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer of per-block ``(T, L, Hkv, D)`` tensors (int8 with `scales`, else float) as a
-    zero-padded float32 ``(n, Tmax, Hkv, D)`` batch, with validity ``(n, Tmax)``."""
-    width = int(lengths.max())
-    out = torch.zeros((len(rows), width, *rows[0].shape[2:]), dtype=torch.float32)
+def pack_layer(
+    rows: Sequence[torch.Tensor], scales: Sequence[torch.Tensor] | None, layer: int
+) -> torch.Tensor:
+    """One layer of per-block ``(T, L, Hkv, D)`` tensors (int8 with `scales`, else float) packed
+    into one float32 ``(sum T, Hkv, D)`` tensor: each block is converted straight into place."""
+    total = sum(int(x.shape[0]) for x in rows)
+    out = torch.empty((total, *rows[0].shape[2:]), dtype=torch.float32)
+    at = 0
     for i, x in enumerate(rows):
-        xl = x[:, layer]
-        out[i, : x.shape[0]] = xl if scales is None else dequantize_int8(xl, scales[i][:, layer])
-    return out, torch.arange(width)[None, :] < lengths[:, None]
+        n = int(x.shape[0])
+        out[at : at + n].copy_(x[:, layer])
+        if scales is not None:  # int8 codes times their scales, in float32 (`dequantize_int8`)
+            out[at : at + n].mul_(scales[i][:, layer, :, None])
+        at += n
+    return out
+
+
+def packed_index(
+    offsets: torch.Tensor, lengths: torch.Tensor, docs: torch.Tensor
+) -> slice | torch.Tensor:
+    """Where blocks `docs` lie in a layer-major flat tensor: one slice when they are stored
+    consecutively (a whole corpus, a range), else the token indices to gather."""
+    first, n = int(docs[0]), len(docs)
+    if int(docs[-1]) - first + 1 == n and bool((docs[1:] > docs[:-1]).all()):
+        return slice(int(offsets[first]), int(offsets[first + n]))
+    lens = lengths[docs]
+    starts = torch.repeat_interleave(offsets[docs] - (torch.cumsum(lens, 0) - lens), lens)
+    return torch.arange(int(lens.sum())) + starts
 
 
 class CorpusKV:
@@ -95,32 +109,28 @@ class CorpusKV:
         parts = [*self.k, *self.v, *(self.ks or []), *(self.vs or [])]
         return sum(p.numel() * p.element_size() for p in parts)
 
-    def _index(self, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lens = self.lengths[docs]
-        ar = torch.arange(int(lens.max()))
-        valid = ar[None, :] < lens[:, None]
-        return torch.where(valid, self.offsets[docs][:, None] + ar[None, :], 0), valid
+    def _read(
+        self, x: list[torch.Tensor], sc: list[torch.Tensor] | None, layer: int, where: Any
+    ) -> torch.Tensor:
+        t = x[layer][where]
+        return dequantize_int8(t, sc[layer][where]) if sc is not None else t.float()
 
     def batch(
         self, layer: int, docs: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``(n, Tmax, Hkv, D)`` (float32) and validity ``(n, Tmax)`` of `docs`."""
-        idx, valid = self._index(docs)
-        k, v = self.k[layer][idx], self.v[layer][idx]
-        if self.ks is not None and self.vs is not None:
-            k = dequantize_int8(k, self.ks[layer][idx])
-            v = dequantize_int8(v, self.vs[layer][idx])
-        return k.to(device).float(), v.to(device).float(), valid.to(device)
+        """Packed keys, values ``(S, Hkv, D)`` (float32) and lengths ``(n,)`` of `docs`."""
+        where = packed_index(self.offsets, self.lengths, docs)
+        k = self._read(self.k, self.ks, layer, where)
+        v = self._read(self.v, self.vs, layer, where)
+        return k.to(device), v.to(device), self.lengths[docs]
 
     def keys(
         self, layer: int, docs: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys ``(n, Tmax, Hkv, D)`` (float32) and validity of `docs` (routing reads no values)."""
-        idx, valid = self._index(docs)
-        k = self.k[layer][idx]
-        if self.ks is not None:
-            k = dequantize_int8(k, self.ks[layer][idx])
-        return k.to(device).float(), valid.to(device)
+        """Packed keys ``(S, Hkv, D)`` (float32) and lengths of `docs` (routing reads no
+        values)."""
+        where = packed_index(self.offsets, self.lengths, docs)
+        return self._read(self.k, self.ks, layer, where).to(device), self.lengths[docs]
 
 
 @dataclass
@@ -144,6 +154,8 @@ class QueryResult:
     masses: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     routed: torch.Tensor | None = None  # document indices kept by routing, best first
     route_scores: torch.Tensor | None = None  # QK-MaxSim of every document at the routing layer
+    #: (documents scored, their QK-MaxSim) as computed, gradients kept (routing loss in training)
+    route_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _ssmax_factor(
@@ -170,8 +182,8 @@ def routing_scores(
     in-pass routing computes from that layer's attention logits."""
     parts = []
     for start in range(0, len(docs), block_docs):
-        kb, valid = corpus.keys(layer, docs[start : start + block_docs], qg.device)
-        parts.append(maxsim_scores(masked_logits(qg, kb, valid, spec).amax(-1)))
+        kb, lengths = corpus.keys(layer, docs[start : start + block_docs], qg.device)
+        parts.append(maxsim_scores(doc_maxima(qg, kb, lengths, spec)))
     return torch.cat(parts) if parts else torch.empty(0)
 
 
@@ -179,7 +191,8 @@ def _route(
     result: QueryResult, n_corpus: int, active: torch.Tensor, scores: torch.Tensor, top: int | None
 ) -> torch.Tensor:
     """Keep the `top` best-scored of `active` (best first) and record the decision."""
-    keep = torch.topk(scores, min(top or len(active), len(active)))
+    keep = torch.topk(scores.detach(), min(top or len(active), len(active)))
+    result.route_logits = (active, scores)
     result.route_scores = torch.full((n_corpus,), float("-inf"))
     result.route_scores[active] = scores.detach().cpu()
     result.routed = active[keep.indices.cpu()]
@@ -212,6 +225,8 @@ def query_pass(
     ``0..num_layers-1`` attending to `docs` (default: all blocks of `corpus`) and, causally, to
     themselves. With `route_layer`/`route_top`, layers after the routing layer attend only to the
     top documents; pass `routed` to reuse an earlier routing decision (decoding steps).
+    `mass_tokens` picks the readout tokens: indices shared by every row, or ``(B, Tq)`` weights
+    (each row summing to 1) for a batch of queries of different lengths, right-padded.
     `start_layer` with `hidden` (the residual stream entering it) resumes a pass part-way; the
     returned cache then holds only the layers run. `backend` computes each block batch's
     attention (see `blockattn`: "einsum", "flex", or "auto" = flex on CUDA).
@@ -279,15 +294,18 @@ def query_pass(
 
         doc_lse: list[torch.Tensor] = []
         route_parts: list[torch.Tensor] = []
-        for start in range(0, len(active), block_docs):
-            chunk = active[start : start + block_docs]
-            kb, vb, valid = corpus.batch(layer, chunk, dev)
+        step = _docs_per_batch(
+            block_docs, bsz * q.shape[1] * tq, corpus.lengths[active], 8 * hkv * dim, dev
+        )
+        for start in range(0, len(active), step):
+            chunk = active[start : start + step]
+            kb, vb, lengths = corpus.batch(layer, chunk, dev)
             part = attend_batch(
                 backend,
                 qg,
                 kb,
                 vb,
-                valid,
+                lengths,
                 spec,
                 doc_lse=layer in mass_set,
                 doc_max=layer == route_layer,
@@ -306,8 +324,13 @@ def query_pass(
         if doc_lse:
             mass = torch.exp(torch.cat(doc_lse, -1) - run_lse[..., None])  # (b, hkv, g, q, n)
             mass = mass.reshape(bsz, hkv * g, tq, -1)
-            sel = mass if mass_tokens is None else mass[:, :, mass_tokens]
-            result.masses[layer] = (active, sel.mean(2))
+            if mass_tokens is None:
+                result.masses[layer] = (active, mass.mean(2))
+            elif mass_tokens.dim() == 2:  # per-row token weights (queries of several lengths)
+                w = mass_tokens.to(mass.device, mass.dtype)
+                result.masses[layer] = (active, torch.einsum("bhqn,bq->bhn", mass, w))
+            else:
+                result.masses[layer] = (active, mass[:, :, mass_tokens].mean(2))
         attn = out.reshape(bsz, hkv * g, tq, dim).transpose(1, 2).reshape(bsz, tq, -1)
         h = arch.finish(layer, h, attn.to(h.dtype))
         if layer == route_layer and route_parts and routed is None:
@@ -315,6 +338,27 @@ def query_pass(
             active = routed
     result.hidden = h
     return result
+
+
+#: float32 logits one block batch may hold (32 MB): batched queries get fewer documents per batch
+LOGITS_BUDGET = 8 * 2**20
+#: float32 keys + values of one block batch on a CPU (4 MB): converted from storage and used
+#: while still in cache; measured 1.7x faster per query than 64-document batches (Gemma 3,
+#: 300-token blocks; benchmarks/roofline.py)
+CPU_KV_BUDGET = 4 * 2**20
+
+
+def _docs_per_batch(
+    block_docs: int, rows: int, lengths: torch.Tensor, token_bytes: int, device: torch.device
+) -> int:
+    """Documents per block batch: at most `block_docs`, fewer when the query rows times the
+    batch's tokens would exceed `LOGITS_BUDGET` or (on a CPU) the batch's float32 keys and
+    values `CPU_KV_BUDGET`."""
+    mean_len = max(1.0, float(lengths.float().mean()) if len(lengths) else 1.0)
+    n = min(block_docs, int(LOGITS_BUDGET // (rows * mean_len)))
+    if device.type == "cpu":
+        n = min(n, int(CPU_KV_BUDGET // (token_bytes * mean_len)))
+    return max(1, n)
 
 
 def default_ssmax(num_layers: int, reference_tokens: int) -> list[float | None]:

@@ -1,15 +1,21 @@
 """Attention of the query tokens over one batch of stored document blocks.
 
-`query_pass` streams the corpus batch by batch and merges the partial softmaxes; this module
-computes one batch's part: the output normalised within the batch, the batch's log-sum-exp, and
-optionally each document's log-sum-exp (the readout) and each document's max logit (routing).
+Blocks arrive *packed*: one layer's keys and values of a batch of documents as flat
+``(S, Hkv, D)`` float32 tensors (document j's tokens follow document j-1's, no padding), with
+the documents' lengths. `query_pass` streams the corpus batch by batch and merges the partial
+softmaxes; this module computes one batch's part: the output normalised within the batch, the
+batch's log-sum-exp, and optionally each document's log-sum-exp (the readout) and each
+document's max logit (routing).
 
 Two backends compute the same thing:
 
-* ``"einsum"`` materialises the ``(query tokens x batch tokens)`` logits. Any device; the only one
-  that yields routing maxima.
+* ``"einsum"`` (the name is historical: two dense matrix multiplies) folds every query row of
+  every head group into one ``(rows x S)`` logits matrix per KV head, exponentiates it in place
+  and reduces per document with segment sums. No padding, no gathers: on a CPU the two matrix
+  multiplies are the cost (see `benchmarks/roofline.py`). Any device; the only one that yields
+  routing maxima.
 * ``"flex"`` calls `torch.nn.attention.flex_attention` with the softcap / scalable-softmax factor
-  as a `score_mod` and padding / sliding windows as a block mask, and asks for the log-sum-exp.
+  as a `score_mod` and sliding windows as a block mask, and asks for the log-sum-exp.
   Per-document masses come out of the same kernel by appending one indicator column per document
   to the values: the attention output on column j is the probability mass on document j. On CUDA
   the function is compiled (a fused kernel that never materialises the logits); on CPU it runs
@@ -61,23 +67,73 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def visible_keys(spec: BatchLogits, valid: torch.Tensor) -> torch.Tensor:
-    """(tq, n, t) keys each query token may see: real tokens, within its sliding window."""
-    tq = spec.q_pos.numel()
-    mask = valid[None, :, :].expand(tq, -1, -1)
-    if spec.window is not None:
-        tpos = torch.arange(valid.shape[1], device=valid.device)
-        near = spec.q_pos[:, None] - tpos[None, :] < spec.window
-        mask = mask & near[:, None, :]
-    return mask
+def token_positions(lengths: torch.Tensor) -> torch.Tensor:
+    """(S,) each packed token's position inside its own block (blocks start at position 0)."""
+    starts = torch.cumsum(lengths, 0) - lengths
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    return torch.arange(int(lengths.sum()), device=lengths.device) - starts[owner]
 
 
-def masked_logits(
-    qg: torch.Tensor, kb: torch.Tensor, valid: torch.Tensor, spec: BatchLogits
+def _rows(qg: torch.Tensor) -> torch.Tensor:
+    """(b, hkv, g, tq, d) -> (hkv, b*g*tq, d): every query row that shares a KV head."""
+    b, hkv, g, tq, d = qg.shape
+    return qg.permute(1, 0, 2, 3, 4).reshape(hkv, b * g * tq, d)
+
+
+def _unrows(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(hkv, b*g*tq, ...) -> (b, hkv, g, tq, ...)."""
+    b, hkv, g, tq = shape[:4]
+    return x.reshape(hkv, b, g, tq, *x.shape[2:]).transpose(0, 1)
+
+
+def packed_logits(
+    qg: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, spec: BatchLogits
 ) -> torch.Tensor:
-    """(b, hkv, g, tq, n, t) logits of `qg` against a batch's keys, -inf where not visible."""
-    lg = spec.adjust(torch.einsum("bhgqd,nthd->bhgqnt", qg, kb), 3)
-    return lg.masked_fill(~visible_keys(spec, valid), float("-inf"))
+    """(hkv, b*g*tq, S) logits of `qg` against packed keys `k` (S, hkv, d), -inf where a
+    sliding window hides a key. Without a softcap the scale and the scalable-softmax factor are
+    folded into the queries, so the matrix multiply yields final logits."""
+    b, _, g, tq, _ = qg.shape
+    if spec.softcap is None:
+        mult = torch.full((tq,), spec.scale, device=qg.device, dtype=qg.dtype)
+        if spec.factor is not None:
+            mult = mult * spec.factor.to(qg.device, qg.dtype)
+        lg = torch.matmul(_rows(qg * mult[:, None]), k.permute(1, 2, 0))
+    else:
+        lg = torch.matmul(_rows(qg), k.permute(1, 2, 0)) * spec.scale
+        lg = torch.tanh(lg / spec.softcap) * spec.softcap
+        if spec.factor is not None:
+            lg = lg * spec.factor.to(lg.device).repeat(b * g)[None, :, None]
+    if spec.window is not None and int(spec.q_pos.max()) >= spec.window:
+        # keys farther back than the window (block tokens sit at positions 0..len-1)
+        qpos = spec.q_pos.to(lg.device).repeat(b * g)
+        far = qpos[:, None] - token_positions(lengths.to(lg.device))[None, :] >= spec.window
+        lg = lg.masked_fill_(far[None], float("-inf"))
+    return lg
+
+
+def _segment_sum(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(..., S) -> (..., n): sums over each document's tokens."""
+    if bool((lengths == lengths[0]).all()):
+        return x.reshape(*x.shape[:-1], len(lengths), int(lengths[0])).sum(-1)
+    flat = x.reshape(-1, x.shape[-1])
+    lens = lengths.to(x.device).expand(flat.shape[0], -1).contiguous()
+    return torch.segment_reduce(flat, "sum", lengths=lens, axis=1).reshape(*x.shape[:-1], -1)
+
+
+def _segment_max(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(..., S) -> (..., n): max over each document's tokens."""
+    if bool((lengths == lengths[0]).all()):
+        return x.reshape(*x.shape[:-1], len(lengths), int(lengths[0])).amax(-1)
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.full((flat.shape[0], len(lengths)), float("-inf"), device=x.device)
+    out.scatter_reduce_(1, owner.expand(flat.shape[0], -1), flat, "amax")
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def doc_maxima(qg: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, spec: BatchLogits):
+    """(b, hkv, g, tq, n) max logit of each query row over each document's keys (routing)."""
+    return _unrows(_segment_max(packed_logits(qg, k, lengths, spec), lengths), qg.shape)
 
 
 def maxsim_scores(doc_max: torch.Tensor) -> torch.Tensor:
@@ -89,22 +145,31 @@ def maxsim_scores(doc_max: torch.Tensor) -> torch.Tensor:
 
 def attend_einsum(
     qg: torch.Tensor,
-    kb: torch.Tensor,
-    vb: torch.Tensor,
-    valid: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
     spec: BatchLogits,
     *,
     doc_lse: bool = False,
     doc_max: bool = False,
 ) -> BatchResult:
-    """`qg` (b, hkv, g, tq, d) float32; `kb`, `vb` (n, t, hkv, d); `valid` (n, t)."""
-    lg = masked_logits(qg, kb, valid, spec)
-    best = lg.amax(-1) if doc_max else None
-    lse_d = torch.logsumexp(lg, -1)  # (b, h, g, q, n)
-    lse_b = torch.logsumexp(lse_d, -1)
-    safe = torch.where(torch.isfinite(lse_b), lse_b, torch.zeros_like(lse_b))
-    out = torch.einsum("bhgqnt,nthd->bhgqd", torch.exp(lg - safe[..., None, None]), vb)
-    return BatchResult(out, lse_b, lse_d if doc_lse else None, best)
+    """`qg` (b, hkv, g, tq, d) float32; packed `k`, `v` (S, hkv, d); `lengths` (n,)."""
+    lg = packed_logits(qg, k, lengths, spec)
+    best = _unrows(_segment_max(lg, lengths), qg.shape) if doc_max else None
+    # the shift only keeps exp in range (the results do not depend on it): no gradient through it
+    m = lg.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(lg - m) if lg.requires_grad else lg.sub_(m).exp_()  # in place at inference
+    if doc_lse:
+        per_doc = _segment_sum(e, lengths)
+        total = per_doc.sum(-1)
+    else:
+        total = e.sum(-1)
+    out = torch.matmul(e, v.permute(1, 0, 2))  # (hkv, rows, d)
+    out = out / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    lse = torch.log(total) + m[..., 0]  # -inf where nothing was visible
+    lse_d = _unrows(torch.log(per_doc) + m, qg.shape) if doc_lse else None
+    return BatchResult(_unrows(out, qg.shape), _unrows(lse, qg.shape), lse_d, best)
 
 
 _compiled: dict[str, Any] = {}
@@ -122,9 +187,9 @@ def _flex_fn(device: torch.device) -> Any:
 
 def attend_flex(
     qg: torch.Tensor,
-    kb: torch.Tensor,
-    vb: torch.Tensor,
-    valid: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
     spec: BatchLogits,
     *,
     doc_lse: bool = False,
@@ -135,25 +200,21 @@ def attend_flex(
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 
     b, hkv, g, tq, d = qg.shape
-    n, t = valid.shape
+    n, s = len(lengths), k.shape[0]
     dev = qg.device
     q = qg.reshape(b, hkv * g, tq, d)
-    k = kb.permute(2, 0, 1, 3).reshape(1, hkv, n * t, d).expand(b, -1, -1, -1)
-    v = vb.permute(2, 0, 1, 3).reshape(1, hkv, n * t, d)
+    kf = k.permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+    vf = v.permute(1, 0, 2)[None]
     if doc_lse:  # indicator column per document: the output on it is that document's mass
-        owner = torch.arange(n, device=dev).repeat_interleave(t)
-        onehot = torch.nn.functional.one_hot(owner, n).to(v.dtype)
-        v = torch.cat([v, onehot[None, None].expand(1, hkv, -1, -1)], -1)
-    v = v.expand(b, -1, -1, -1)
-    flat_valid = valid.reshape(-1)
-    tpos = torch.arange(t, device=dev).repeat(n)
-    q_pos, window = spec.q_pos, spec.window
+        owner = torch.repeat_interleave(torch.arange(n, device=dev), lengths.to(dev))
+        onehot = torch.nn.functional.one_hot(owner, n).to(vf.dtype)
+        vf = torch.cat([vf, onehot[None, None].expand(1, hkv, -1, -1)], -1)
+    vf = vf.expand(b, -1, -1, -1)
+    tpos = token_positions(lengths.to(dev))
+    q_pos, window = spec.q_pos.to(dev), spec.window
 
     def mask_mod(_b: Any, _h: Any, qi: Any, ki: Any) -> Any:
-        keep = flat_valid[ki]
-        if window is not None:
-            keep = keep & (q_pos[qi] - tpos[ki] < window)
-        return keep
+        return q_pos[qi] - tpos[ki] < window
 
     cap, factor = spec.softcap, spec.factor
 
@@ -164,13 +225,15 @@ def attend_flex(
             score = score * factor[qi]
         return score
 
-    block_mask = create_block_mask(mask_mod, None, None, tq, n * t, device=dev)
+    block_mask = (
+        create_block_mask(mask_mod, None, None, tq, s, device=dev) if window is not None else None
+    )
     with warnings.catch_warnings():  # CPU: flex's eager reference path warns on every call
         warnings.simplefilter("ignore", UserWarning)
         out, aux = _flex_fn(dev)(
             q,
-            k,
-            v,
+            kf,
+            vf,
             score_mod=score_mod,
             block_mask=block_mask,
             scale=spec.scale,
@@ -191,9 +254,9 @@ def attend_flex(
 def attend_batch(
     backend: str,
     qg: torch.Tensor,
-    kb: torch.Tensor,
-    vb: torch.Tensor,
-    valid: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
     spec: BatchLogits,
     *,
     doc_lse: bool = False,
@@ -201,5 +264,5 @@ def attend_batch(
 ) -> BatchResult:
     """Dispatch; routing maxima always take the einsum path (flex returns no per-key maxima)."""
     if backend == "flex" and not doc_max:
-        return attend_flex(qg, kb, vb, valid, spec, doc_lse=doc_lse)
-    return attend_einsum(qg, kb, vb, valid, spec, doc_lse=doc_lse, doc_max=doc_max)
+        return attend_flex(qg, k, v, lengths, spec, doc_lse=doc_lse)
+    return attend_einsum(qg, k, v, lengths, spec, doc_lse=doc_lse, doc_max=doc_max)

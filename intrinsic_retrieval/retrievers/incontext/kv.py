@@ -13,12 +13,13 @@ from typing import Any, Protocol
 
 import torch
 
-from .attention import pad_layer
+from .attention import pack_layer
 
 
 class KVSource(Protocol):
     """What `attention.query_pass` reads: block lengths, then per layer the keys (routing) or
-    keys and values (attention) of a batch of blocks, padded, in float32, with validity."""
+    keys and values (attention) of a batch of blocks, packed (no padding), in float32, with the
+    blocks' lengths."""
 
     lengths: torch.Tensor  # (n_blocks,) tokens per block
 
@@ -27,13 +28,13 @@ class KVSource(Protocol):
     def batch(
         self, layer: int, docs: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``(n, Tmax, Hkv, D)`` and validity ``(n, Tmax)`` of blocks `docs`."""
+        """Packed keys, values ``(S, Hkv, D)`` and lengths ``(n,)`` of blocks `docs`."""
         ...
 
     def keys(
         self, layer: int, docs: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and validity only (routing reads no values)."""
+        """Packed keys and lengths only (routing reads no values)."""
         ...
 
     def prepare(self, docs: torch.Tensor) -> None:
@@ -54,20 +55,19 @@ class StoreKV:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def _layer(self, name: str, layer: int, docs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _layer(self, name: str, layer: int, docs: torch.Tensor) -> torch.Tensor:
+        """One layer of `docs`, packed: consecutive rows are read as one slice of their shard."""
         rows = docs.tolist()
-        scales = self.store.varlen(f"{name}_scale", rows) if self.int8 else None
-        return pad_layer(self.store.varlen(name, rows), scales, layer, self.lengths[docs])
+        scales = self.store.varlen_runs(f"{name}_scale", rows) if self.int8 else None
+        return pack_layer(self.store.varlen_runs(name, rows), scales, layer)
 
     def batch(self, layer: int, docs: torch.Tensor, device: torch.device):
-        k, valid = self._layer("k", layer, docs)
-        v, _ = self._layer("v", layer, docs)
-        return k.to(device), v.to(device), valid.to(device)
+        k, v = self._layer("k", layer, docs), self._layer("v", layer, docs)
+        return k.to(device), v.to(device), self.lengths[docs]
 
     def keys(self, layer: int, docs: torch.Tensor, device: torch.device):
         """Keys only (routing before attention reads no values)."""
-        k, valid = self._layer("k", layer, docs)
-        return k.to(device), valid.to(device)
+        return self._layer("k", layer, docs).to(device), self.lengths[docs]
 
     def prepare(self, docs: torch.Tensor) -> None:
         return None

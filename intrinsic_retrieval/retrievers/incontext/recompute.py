@@ -18,7 +18,7 @@ import torch
 
 from ...models.architectures import DecoderOnlyArch
 from ...models.quant import quantize_int8
-from .attention import pad_layer
+from .attention import pack_layer
 from .prefill import prefill_blocks
 
 #: one recomputed block in storage form: k, v ``(T, L', Hkv, D)`` and int8 scales (or None)
@@ -121,31 +121,27 @@ class RecomputedKV:
         self, layer: int, docs: torch.Tensor, device: torch.device, values: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         entries = self.recomputed(docs)
-        li, lens = layer - self.route_layer, self.lengths[docs]
+        li = layer - self.route_layer
         int8 = entries[0][2] is not None
-        k, valid = pad_layer(
-            [e[0] for e in entries], [e[2] for e in entries] if int8 else None, li, lens
-        )
+        k = pack_layer([e[0] for e in entries], [e[2] for e in entries] if int8 else None, li)
         v = None
         if values:
-            v, _ = pad_layer(
-                [e[1] for e in entries], [e[3] for e in entries] if int8 else None, li, lens
-            )
-        return k.to(device), None if v is None else v.to(device), valid.to(device)
+            v = pack_layer([e[1] for e in entries], [e[3] for e in entries] if int8 else None, li)
+        return k.to(device), None if v is None else v.to(device), self.lengths[docs]
 
     def batch(
         self, layer: int, docs: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if layer < self.route_layer:
             return self.stored.batch(layer, docs, device)
-        k, v, valid = self._gather(layer, docs, device, values=True)
+        k, v, lengths = self._gather(layer, docs, device, values=True)
         assert v is not None
-        return k, v, valid
+        return k, v, lengths
 
     def keys(
         self, layer: int, docs: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer <= self.route_layer:
             return self.stored.keys(layer, docs, device)
-        k, _, valid = self._gather(layer, docs, device, values=False)
-        return k, valid
+        k, _, lengths = self._gather(layer, docs, device, values=False)
+        return k, lengths

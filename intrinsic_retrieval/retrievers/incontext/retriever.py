@@ -8,6 +8,7 @@ by decoding their codes. See docs/incontext.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,10 +18,11 @@ from typing import Any, ClassVar
 import torch
 
 from ...chunking import Spanner, tokenizer_spans
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, ModelMismatchError
 from ...models.architectures import decoder_only_for
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
+from ...models.query_lora import LowRankUpdate, check_low_rank
 from ...models.trie import PrefixTrie
 from ...store import TensorSpec
 from ...training import FitReport
@@ -34,7 +36,9 @@ from .kv import StoreKV
 from .prefill import prefill_blocks
 from .recompute import BlockCache, RecomputedKV, to_storage
 from .scoring import constrained_beam_search, readout_scores
-from .train import InContextFitConfig
+from .train import QUERY_LORA_AUX, InContextFitConfig
+
+QUERY_LORA_FORMAT = "intrinsic-retrieval/incontext-query-lora/v1"
 
 SCORINGS = ("readout", "codes")
 KV_STORAGES = ("full", "routing")
@@ -60,6 +64,7 @@ class InContextSearchOptions(SearchOptions):
     num_beams: int = 10
     block_docs: int = 64
     attention_backend: str = "auto"
+    query_batch: int = 16
 
     def validate(self) -> None:
         check_choice("scoring", self.scoring, SCORINGS)
@@ -72,7 +77,7 @@ class InContextSearchOptions(SearchOptions):
             )
         check_int("recompute_cache_docs", self.recompute_cache_docs, 0)
         check_int("ssmax_reference", self.ssmax_reference, 2)
-        for name in ("route_top", "num_beams", "block_docs"):
+        for name in ("route_top", "num_beams", "block_docs", "query_batch"):
             check_int(name, getattr(self, name), 1)
 
 
@@ -111,7 +116,9 @@ class InContextRetriever(StoreRetriever):
     "auto" = ``1/log(ssmax_reference)``), `route_layer` / `route_top` (QK-MaxSim routing),
     `route_before_attend` (route from the routing layer's keys before its attention),
     `kv_storage` ("full", or "routing": store only what layers up to `route_layer` need and
-    recompute the routed blocks' later layers at query time, `recompute_cache_docs` kept).
+    recompute the routed blocks' later layers at query time, `recompute_cache_docs` kept),
+    `query_batch` (readout queries of one `search_batch` that share a pass over the stored
+    blocks; routing and code scoring run query by query).
     """
 
     name = "incontext"
@@ -148,6 +155,7 @@ class InContextRetriever(StoreRetriever):
         num_beams: int = 10,
         block_docs: int = 64,
         attention_backend: str = "auto",
+        query_batch: int = 16,
         prefill_batch: int = 8,
         path: str | None = None,
         chunk_size: int | str | None = None,
@@ -202,6 +210,7 @@ class InContextRetriever(StoreRetriever):
                 num_beams=num_beams,
                 block_docs=block_docs,
                 attention_backend=attention_backend,
+                query_batch=query_batch,
             )
         )
         self.prefill_batch = int(prefill_batch)
@@ -398,6 +407,7 @@ class InContextRetriever(StoreRetriever):
     def _on_open(self) -> None:
         self._corpus = None
         self._null_cache.clear()
+        self._load_query_lora()
         self._block_cache.clear()  # rows may be renumbered (compaction) or weights changed (fit)
 
     def _on_rows_added(self, rows: range, tensors: Mapping[str, Any]) -> None:
@@ -468,7 +478,46 @@ class InContextRetriever(StoreRetriever):
             sel = torch.arange(len(ids))
         return torch.tensor([ids]), sel
 
+    def query_projs(self) -> list[torch.nn.Module]:
+        """Every layer's query projection (what a query LoRA updates)."""
+        return [layer.self_attn.q_proj for layer in self.arch.layers]
+
+    def set_query_lora(self, update: LowRankUpdate | None) -> None:
+        """Install (and persist in the store) a trained query-side LoRA, or remove it."""
+        self.query_lora = update
+        self._null_cache.clear()
+        if update is None:
+            if QUERY_LORA_AUX in self.store.aux_names():
+                self.store.delete_aux(QUERY_LORA_AUX)
+            return
+        meta = {"format": QUERY_LORA_FORMAT, "model": model_fingerprint(self.model)}
+        self.store.put_aux(QUERY_LORA_AUX, update.state(), meta)
+
+    def _load_query_lora(self) -> None:
+        """The store's query LoRA, refused when it was trained on another model."""
+        self.query_lora = None
+        got = self.store.get_aux(QUERY_LORA_AUX)
+        if got is None:
+            return
+        tensors, meta = got
+        where = f"{self.store.path} (aux {QUERY_LORA_AUX})"
+        if meta.get("format") != QUERY_LORA_FORMAT:
+            raise ModelMismatchError(where, expected=QUERY_LORA_FORMAT, found=meta.get("format"))
+        model = model_fingerprint(self.model)
+        if meta.get("model") != model:
+            raise ModelMismatchError(where, expected=model, found=meta.get("model"))
+        check_low_rank(self.query_projs(), tensors["lora_a"], tensors["lora_b"], where)
+        update = LowRankUpdate(tensors["lora_a"], tensors["lora_b"])
+        self.query_lora = update.requires_grad_(False)
+
     def _pass(
+        self, ids: torch.Tensor, docs: torch.Tensor, num_layers: int, **kw: Any
+    ) -> QueryResult:
+        lora = self.query_lora
+        with lora.applied(self.query_projs()) if lora is not None else contextlib.nullcontext():
+            return self._plain_pass(ids, docs, num_layers, **kw)
+
+    def _plain_pass(
         self, ids: torch.Tensor, docs: torch.Tensor, num_layers: int, **kw: Any
     ) -> QueryResult:
         return query_pass(
@@ -509,6 +558,33 @@ class InContextRetriever(StoreRetriever):
         if self.route_layer is not None:
             depth = max(depth, self.route_layer + 1)
         return depth
+
+    def _readout_batch(self, queries: Sequence[str], docs: torch.Tensor, k: int) -> list[Ranked]:
+        """Readout of several queries in one pass over the stored blocks: the queries are
+        right-padded into one batch (causal attention keeps padding out of every real token)
+        and each one's readout tokens are weighted by its own row. No routing here: routed
+        sets differ per query."""
+        parts = [self._query_ids(q) for q in queries]
+        width = max(int(ids.shape[1]) for ids, _ in parts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(parts), width), 0 if pad is None else int(pad), dtype=torch.long)
+        weights = torch.zeros(len(parts), width)
+        for i, (row, sel) in enumerate(parts):
+            ids[i, : row.shape[1]] = row[0]
+            weights[i, sel] = 1.0 / len(sel)
+        res = self._pass(
+            ids, docs, self._depth(), mass_layers=self.readout_layers, mass_tokens=weights
+        )
+        null = dict(self._null(docs).masses) if self.calibrate else None
+        out: list[Ranked] = []
+        for i in range(len(parts)):
+            masses = {layer: (d, m[i : i + 1]) for layer, (d, m) in res.masses.items()}
+            scores, _ = readout_scores(
+                masses, self.store.num_rows, self.readout_layers, self.readout_heads, null
+            )
+            top = torch.topk(scores[docs], k)
+            out.append((docs[top.indices], top.values))
+        return out
 
     def _readout_rank(self, query: str, docs: torch.Tensor, k: int) -> Ranked:
         ids, sel = self._query_ids(query)
@@ -607,6 +683,10 @@ class InContextRetriever(StoreRetriever):
         docs = torch.nonzero(candidates).flatten()
         out: list[Ranked] = []
         with torch.inference_mode():
+            if self.scoring == "readout" and self.route_layer is None and len(queries) > 1:
+                for i in range(0, len(queries), self.query_batch):
+                    out.extend(self._readout_batch(queries[i : i + self.query_batch], docs, k))
+                return out
             for q in queries:
                 if self.scoring == "codes":
                     out.append(self._code_rank(q, docs, k))
@@ -616,8 +696,12 @@ class InContextRetriever(StoreRetriever):
 
     # ------------------------------------------------------------------ training
     def _fit(self, queries: Any, qrels: Any, config: Any, **extras: Any) -> FitReport:
-        """Fine-tune the model to emit codes (see `train.fit_codes`); the stored blocks were
-        made by the old weights, so the index is rebuilt from the stored texts afterwards."""
-        from .train import fit_codes
+        """`objective="readout"`: a query-side LoRA on the readout (`train.fit_readout`; the
+        stored blocks stay valid). `"codes"`: fine-tune the model to emit codes
+        (`train.fit_codes`); the stored blocks were made by the old weights, so the index is
+        rebuilt from the stored texts afterwards."""
+        from .train import fit_codes, fit_readout
 
+        if config.objective == "readout":
+            return fit_readout(self, queries, qrels, config)
         return fit_codes(self, queries, qrels, config)

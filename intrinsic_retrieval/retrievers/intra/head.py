@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Iterator
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...errors import InvalidInputError, ModelMismatchError, StoreCorruptedError
+from ...models.query_lora import check_low_rank, init_low_rank, low_rank_update
 
 AUX_NAME = "intra_head"
 _FORMAT = "intrinsic-retrieval/intra-head/v1"
@@ -66,43 +66,12 @@ class RetrievalHead(nn.Module):
 
     def add_lora(self, query_projs: list[nn.Module], rank: int, *, seed: int = 0) -> None:
         """Start a rank-`rank` update of each layer's query projection (B = 0: no change yet)."""
-        if rank < 1:
-            raise InvalidInputError(f"lora_rank must be >= 1, got {rank}")
-        d_in = {int(q.in_features) for q in query_projs}
-        d_out = {int(q.out_features) for q in query_projs}
-        if len(d_in) != 1 or len(d_out) != 1:
-            raise InvalidInputError("query LoRA needs equally shaped query projections")
-        gen = torch.Generator().manual_seed(seed)
-        n, i, o = len(query_projs), d_in.pop(), d_out.pop()
-        a = torch.randn(n, rank, i, generator=gen) / i**0.5
-        self.lora_a = nn.Parameter(a)
-        self.lora_b = nn.Parameter(torch.zeros(n, o, rank))
+        a, b = init_low_rank(query_projs, rank, seed=seed)
+        self.lora_a, self.lora_b = nn.Parameter(a), nn.Parameter(b)
 
-    @contextlib.contextmanager
-    def query_lora(self, query_projs: list[nn.Module]) -> Iterator[None]:
+    def query_lora(self, query_projs: list[nn.Module]) -> contextlib.AbstractContextManager:
         """Within the block each query projection adds ``x A_l^T B_l^T`` (no-op without LoRA)."""
-        if self.lora_a is None or self.lora_b is None:
-            yield
-            return
-        if len(query_projs) != self.lora_a.shape[0]:
-            raise ModelMismatchError(
-                "query LoRA", expected=f"{len(query_projs)} layers", found=str(self.lora_a.shape)
-            )
-        a, b = self.lora_a, self.lora_b
-        handles = []
-        for i, proj in enumerate(query_projs):
-
-            def hook(_m: nn.Module, args: tuple, out: torch.Tensor, i: int = i) -> torch.Tensor:
-                x = args[0]
-                delta = (x.float() @ a[i].to(x.device).t()) @ b[i].to(x.device).t()
-                return out + delta.to(out.dtype)
-
-            handles.append(proj.register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return low_rank_update(query_projs, self.lora_a, self.lora_b)
 
     @classmethod
     def initial(
@@ -188,15 +157,7 @@ class RetrievalHead(nn.Module):
                 found=f"alpha{tuple(self.alpha.shape)}/dim{self.tokens.shape[1]}",
             )
         if self.lora_a is not None and self.lora_b is not None:
-            projs = query_projs or []
-            want = (
-                (len(projs), int(projs[0].in_features), int(projs[0].out_features))
-                if projs
-                else None
-            )
-            got = (self.lora_a.shape[0], self.lora_a.shape[2], self.lora_b.shape[1])
-            if want != tuple(got):
-                raise ModelMismatchError(where, expected=f"query LoRA {want}", found=str(got))
+            check_low_rank(query_projs or [], self.lora_a, self.lora_b, where)
         if self.binding.get("store") not in (None, store):
             warnings.warn(
                 f"retrieval head {where} was trained on another store (corpus); model and recipe "

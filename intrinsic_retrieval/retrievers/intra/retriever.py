@@ -604,21 +604,41 @@ class IntraRetriever(StoreRetriever):
 
     # ------------------------------------------------------------------ scoring
     def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
-        out: list[Ranked] = []
+        """A batch shares the encoder pass over its queries and one MaxSim scan of the stored
+        chunks (C0 for all of them); the decoder pass over each query's own C0 runs per query."""
         for q in queries:
             self.check_length(q)
-            out.append(self._score_one(q, candidates, k))
+        states = self.encode_states(queries)
+        first = self.initial_contexts(states, candidates, k if self.mode == "encoder" else self.k0)
+        if self.mode == "encoder":
+            return first
+        assert self.head is not None
+        out: list[Ranked] = []
+        for q, (c0, _) in zip(queries, first, strict=True):
+            with torch.no_grad():
+                folded = self.retrieval_pass(q, c0.tolist())
+            out.append(self.score_folded(folded, candidates, k, c0))
         return out
 
-    def _score_one(self, query: str, candidates: torch.Tensor, k: int) -> Ranked:
-        qstates = self.query_states(query)
-        if self.mode == "encoder":
-            return self.initial_context(qstates, candidates, k)
-        c0, _ = self.initial_context(qstates, candidates, self.k0)
-        assert self.head is not None
-        with torch.no_grad():
-            folded = self.retrieval_pass(query, c0.tolist())
-        return self.score_folded(folded, candidates, k, c0)
+    def initial_contexts(
+        self, states: Sequence[torch.Tensor], candidates: torch.Tensor, k0: int
+    ) -> list[Ranked]:
+        """`initial_context` of several queries: one exact MaxSim scan for all of them (query
+        states zero-padded and masked), or per query when FAISS proposes the candidates."""
+        if len(states) == 1 or self._use_ann(int(candidates.sum())):
+            return [self.initial_context(s, candidates, k0) for s in states]
+        k0 = min(k0, int(candidates.sum()))
+        if k0 == 0:
+            return [(torch.empty(0, dtype=torch.long), torch.empty(0)) for _ in states]
+        width = max(int(s.shape[0]) for s in states)
+        q = torch.zeros(len(states), width, self.dim)
+        mask = torch.zeros(len(states), width, dtype=torch.bool)
+        for i, s in enumerate(states):
+            q[i, : s.shape[0]], mask[i, : s.shape[0]] = s.float(), True
+        scores, idx = maxsim_topk(
+            q, self.pooled_vectors(), k0, query_mask=mask, candidates=candidates
+        )
+        return [(idx[i].long(), scores[i]) for i in range(len(states))]
 
     def _rerank(self, query: str, heads: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:
         """As a second stage: the decoder reads C0 = the first stage's top `k0` candidates

@@ -1,0 +1,241 @@
+"""GPU check: the CUDA paths against the CPU results, and their timings, in a few minutes.
+
+Run it whenever a GPU machine is available (`make gpu-check`) and record the figures with the
+device named. Each check computes the same thing on the CPU (float32, the reference every test
+pins) and on `--device`, compares, and times both:
+
+* MaxSim top-k (INTRA's scan): float32 and bfloat16 document vectors;
+* one in-context attention layer over 1,000 stored 300-token blocks (Gemma 3 270M's shapes:
+  4 query heads, 1 KV head, head_dim 256), einsum and flex backends, float32 and bfloat16
+  inputs: output, log-sum-exp and per-document masses (the readout), top-10 documents;
+* a whole query pass through a small random Gemma 3 model (transformers), CPU einsum against
+  the device's flex backend;
+* FAISS on the GPU when the installed faiss has GPU support (recorded as unavailable otherwise).
+
+Exits 1 when a comparison fails. `--device cpu --small` runs every comparison CPU against CPU at
+small sizes (what the test suite does, so the script cannot rot without a GPU).
+
+    python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> tuple[float, Any]:
+    """Median seconds of `fn` after one warm-up (compilation, caches), synchronised on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def _record(rows: list[dict], name: str, ok: bool, cpu_s: float, dev_s: float, **extra: Any):
+    rows.append(
+        {
+            "check": name,
+            "ok": bool(ok),
+            "cpu ms": round(cpu_s * 1000, 2),
+            "device ms": round(dev_s * 1000, 2),
+            "speed-up": round(cpu_s / dev_s, 1) if dev_s > 0 else None,
+            **extra,
+        }
+    )
+    print(json.dumps(rows[-1]), flush=True)
+
+
+def check_maxsim(rows: list[dict], dev: torch.device, small: bool) -> None:
+    from intrinsic_retrieval.models.maxsim import maxsim_topk
+
+    n, p, d, tq = (500, 4, 64, 8) if small else (100_000, 8, 640, 32)
+    g = torch.Generator().manual_seed(0)
+    docs = torch.randn(n, p, d, generator=g)
+    q = torch.randn(4, tq, d, generator=g)
+    cpu_s, (ref_s, ref_i) = _timed(lambda: maxsim_topk(q, docs, 10), torch.device("cpu"), 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        dd = docs.to(dev, dtype)
+        dev_s, (s, i) = _timed(lambda dd=dd: maxsim_topk(q.to(dev), dd, 10, device=dev), dev)
+        same = float((i.cpu() == ref_i).float().mean())
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
+        close = torch.allclose(s.float().cpu(), ref_s, rtol=tol, atol=tol * d**0.5)
+        ok = close and (same == 1.0 if dtype == torch.float32 else same >= 0.8)
+        _record(rows, f"maxsim top-10 ({n}x{p} vectors, {dtype})", ok, cpu_s, dev_s,
+                top10_agreement=round(same, 3))  # fmt: skip
+
+
+def check_attention(rows: list[dict], dev: torch.device, small: bool) -> None:
+    from intrinsic_retrieval.retrievers.incontext.blockattn import BatchLogits, attend_batch
+
+    n, t, hkv, g, tq, d = (40, 30, 1, 4, 8, 32) if small else (1000, 300, 1, 4, 32, 256)
+    gen = torch.Generator().manual_seed(1)
+    qg = torch.randn(1, hkv, g, tq, d, generator=gen)
+    k = torch.randn(n * t, hkv, d, generator=gen)
+    v = torch.randn(n * t, hkv, d, generator=gen)
+    lengths = torch.full((n,), t)
+    spec = BatchLogits(d**-0.5, None, torch.full((tq,), 1.1), 512, torch.arange(tq) + t)
+    cpu = torch.device("cpu")
+    cpu_s, ref = _timed(
+        lambda: attend_batch("einsum", qg, k, v, lengths, spec, doc_lse=True), cpu, 3
+    )
+    ref_mass = ref.doc_lse.logsumexp((1, 2, 3))[0]
+    ref_top = set(torch.topk(ref_mass, 10).indices.tolist())
+    for backend in ("einsum", "flex"):
+        for dtype in (torch.float32,):  # the query pass always attends in float32
+            args = [x.to(dev, dtype) for x in (qg, k, v)]
+            spec_d = BatchLogits(
+                spec.scale, None, spec.factor.to(dev), spec.window, spec.q_pos.to(dev)
+            )
+            try:
+                dev_s, res = _timed(
+                    lambda a=args, b=backend, sp=spec_d: attend_batch(
+                        b, a[0], a[1], a[2], lengths.to(dev), sp, doc_lse=True
+                    ),
+                    dev,
+                )
+            except Exception as exc:  # an unsupported combination is a finding, not a crash
+                rows.append(
+                    {"check": f"attention {backend} {dtype}", "ok": False, "error": repr(exc)[:300]}
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            mass = res.doc_lse.float().cpu().logsumexp((1, 2, 3))[0]
+            top = set(torch.topk(mass, 10).indices.tolist())
+            tol = 1e-3 if dtype == torch.float32 else 3e-2
+            close = torch.allclose(res.out.float().cpu(), ref.out, rtol=tol, atol=tol)
+            overlap = len(top & ref_top) / 10
+            ok = close and (overlap == 1.0 if dtype == torch.float32 else overlap >= 0.8)
+            _record(rows, f"attention layer over {n} blocks x {t} tokens ({backend}, {dtype})",
+                    ok, cpu_s, dev_s, top10_overlap=overlap)  # fmt: skip
+
+
+def check_query_pass(rows: list[dict], dev: torch.device, small: bool) -> None:
+    try:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    except ImportError as exc:
+        rows.append({"check": "query pass (random Gemma 3)", "ok": None, "skipped": repr(exc)})
+        return
+    from intrinsic_retrieval.models.architectures import decoder_only_for
+    from intrinsic_retrieval.retrievers.incontext.attention import CorpusKV, query_pass
+    from intrinsic_retrieval.retrievers.incontext.prefill import prefill_blocks
+
+    cfg = Gemma3TextConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=64,
+        max_position_embeddings=1024, layer_types=["sliding_attention", "full_attention"] * 2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    n_docs = 16 if small else 256
+    gen = torch.Generator().manual_seed(2)
+    sizes = torch.randint(20, 60, (n_docs,), generator=gen).tolist()
+    blocks = [torch.randint(5, 500, (int(n),), generator=gen).tolist() for n in sizes]
+    ids = torch.randint(5, 500, (1, 12), generator=gen)
+    out: dict[str, Any] = {}
+    runs = [("cpu", torch.device("cpu"), "einsum", torch.float32)]
+    runs += [("dev", dev, "flex", torch.float32), ("dev-bf16", dev, "flex", torch.bfloat16)]
+    for name, where, backend, dtype in runs:
+        m = model.to(where, dtype)
+        arch = decoder_only_for(m)
+        with torch.no_grad():
+            kv = prefill_blocks(arch, blocks, arch.num_layers)
+            corpus = CorpusKV([k.cpu() for k, _ in kv], [v.cpu() for _, v in kv])
+            out[name] = _timed(
+                lambda a=arch, c=corpus, b=backend: query_pass(
+                    a, c, ids, q_offset=64, num_layers=a.num_layers, mass_layers=[0, 1, 2, 3],
+                    backend=b,
+                ),
+                where,
+                3,
+            )  # fmt: skip
+    (cpu_s, a) = out["cpu"]
+
+    def readout(res: Any) -> torch.Tensor:
+        return sum(res.masses[x][1][0].float().cpu().sum(0) for x in res.masses)
+
+    ref_top = set(torch.topk(readout(a), 5).indices.tolist())
+    for name, tol in (("dev", 1e-3), ("dev-bf16", None)):
+        dev_s, b = out[name]
+        overlap = len(set(torch.topk(readout(b), 5).indices.tolist()) & ref_top) / 5
+        if tol is None:  # bfloat16 weights: rankings, not values
+            ok = overlap >= 0.8
+        else:
+            ok = torch.allclose(b.hidden.float().cpu(), a.hidden, rtol=tol, atol=tol) and all(
+                torch.allclose(b.masses[x][1].float().cpu(), a.masses[x][1], rtol=tol, atol=1e-5)
+                for x in a.masses
+            )
+        label = "bfloat16" if name == "dev-bf16" else "float32"
+        _record(rows, f"query pass, random Gemma 3 ({label}), {n_docs} blocks: cpu einsum vs "
+                f"device flex", ok, cpu_s, dev_s, top5_overlap=overlap)  # fmt: skip
+
+
+def check_faiss(rows: list[dict], dev: torch.device, small: bool) -> None:
+    try:
+        import faiss
+    except ImportError as exc:
+        rows.append({"check": "faiss", "ok": None, "skipped": repr(exc)})
+        return
+    if dev.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        rows.append({"check": "faiss GPU", "ok": None, "skipped": "faiss has no GPU support here"})
+        print(json.dumps(rows[-1]), flush=True)
+        return
+    n, d = (2000, 32) if small else (200_000, 384)
+    x = torch.randn(n, d).numpy()
+    q = torch.randn(64, d).numpy()
+    cpu_index = faiss.IndexFlatIP(d)
+    cpu_index.add(x)
+    gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index)
+    cpu_s, (_, ci) = _timed(lambda: cpu_index.search(q, 10), torch.device("cpu"), 3)
+    dev_s, (_, gi) = _timed(lambda: gpu_index.search(q, 10), torch.device("cpu"), 3)
+    _record(rows, f"faiss flat IP ({n} x {d})", bool((ci == gi).mean() > 0.99), cpu_s, dev_s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--small", action="store_true", help="small sizes (a quick CPU self-check)")
+    default_out = Path(os.environ["OUT"]) if os.environ.get("OUT") else HERE / "results"
+    p.add_argument("--out", default=str(default_out / "gpu_check.json"))
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here (run it on a GPU machine, or --device cpu --small)")
+        sys.exit(2)
+    rows: list[dict] = []
+    for check in (check_maxsim, check_attention, check_query_pass, check_faiss):
+        check(rows, dev, args.small)
+    from _report import result_head, write_result
+
+    result = result_head(__file__, "gpu_check", "GPU check: CUDA paths against the CPU")
+    result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    result["rows"] = rows
+    write_result(args.out, result)
+    failed = [r["check"] for r in rows if r.get("ok") is False]
+    print(
+        f"gpu-check: {len(rows) - len(failed)} of {len(rows)} passed or skipped; failed: {failed}"
+    )
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""Roofline: how far each retriever's query work sits from what this machine can do.
+
+For the in-context query pass (full storage, and with routing), INTRA's search (encoder, MaxSim
+scan, decoder pass, Reverse-QWK scoring), dense retrieval (query encoding + exhaustive search, and
+document encoding) and generative beam search, one run prints the work's FLOPs and bytes (counted
+from the shapes the retriever actually used), the median time per query, the achieved GFLOP/s and
+GB/s, and this machine's float32 matrix-multiply and memory-copy rates measured in the same run:
+``x compute bound`` = time / (FLOPs / sgemm rate). It also measures `search_batch` of 32 queries
+against 32 single searches, and model load times (cold: the GGUF dequantised; warm: the cached
+safetensors copy memory-mapped).
+
+Stores are built once (SciFact documents, test positives kept) in `--workdir`, outside the
+repository, and reused:
+
+    python benchmarks/roofline.py --phase build --docs 1000
+    python benchmarks/roofline.py --phase measure --docs 1000 --queries 20 \
+        --out benchmarks/results/roofline.json
+    python benchmarks/roofline.py --phase load --out benchmarks/results/model_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _report import result_head, write_result
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+#: index-time settings of each store (the retrievers' defaults otherwise)
+STORES: dict[str, dict[str, Any]] = {
+    "incontext": {"model": "gemma3", "max_doc_tokens": 300, "store_dtype": "float16"},
+    "intra": {"store_dtype": "float16"},
+    "dense": {},
+    "generative": {"docids": "naive"},
+}
+BATCH = 32
+
+
+# ---------------------------------------------------------------- machine rates
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 matrix multiply (n x n), median rate over `repeats` after a warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def copy_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Memory copy rate (bytes read + written per second) of a `mb` MB float32 tensor."""
+    src = torch.randn(mb * 2**18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+# ---------------------------------------------------------------- data and stores
+def _data(args: argparse.Namespace) -> Any:
+    from intrinsic_retrieval.eval import load_beir
+
+    return load_beir(args.dataset, split="test").subset(args.docs, seed=0)
+
+
+def build(args: argparse.Namespace) -> None:
+    from intrinsic_retrieval import create_retriever, load_retriever
+
+    data = _data(args)
+    docs = [{"id": d, "text": doc.text} for d, doc in data.corpus.items()]
+    work = Path(args.workdir)
+    for name in args.retrievers.split(","):
+        path = work / name
+        r = (
+            load_retriever(path)
+            if path.exists()
+            else create_retriever(name, path=str(path), **STORES[name])
+        )
+        t = time.perf_counter()
+        added = r.add(docs, on_duplicate="skip")
+        if name == "generative" and added:
+            # generative search needs a trained model; its search work does not depend on how
+            # well it was trained, so one label-free step makes it searchable
+            r.fit(max_steps=1)
+        print(f"{name}: {len(added)} added in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def _table(title: str, rows: list[dict], notes: list[str] | None = None) -> dict[str, Any]:
+    """A renderable table (benchmarks/render.py) from row dicts: columns in first-seen order."""
+    cols: list[str] = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    return {"title": title, "columns": cols, "rows": [[r.get(c, "") for c in cols] for r in rows],
+            "notes": notes or []}  # fmt: skip
+
+
+# ---------------------------------------------------------------- counting
+def _nonembedding_params(model: torch.nn.Module) -> int:
+    emb = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+def _median_time(fn: Callable[[Any], Any], items: list[Any]) -> tuple[float, list[Any]]:
+    fn(items[0])  # warm-up: caches (calibration pass, FAISS, tries) are not in the figures
+    times, outs = [], []
+    for x in items:
+        t = time.perf_counter()
+        outs.append(fn(x))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), outs
+
+
+def _row(name: str, flops: float, nbytes: float, seconds: float, rates: dict[str, float]) -> dict:
+    return {
+        "work": name,
+        "GFLOP per query": round(flops / 1e9, 2),
+        "MB read per query": round(nbytes / 1e6, 1),
+        "median s per query": round(seconds, 3),
+        "achieved GFLOP/s": round(flops / seconds / 1e9, 1),
+        "achieved GB/s": round(nbytes / seconds / 1e9, 2),
+        "x compute bound": round(seconds / (flops / (rates["sgemm_gflops"] * 1e9)), 2),
+        "x memory bound": (
+            round(seconds / (nbytes / (rates["copy_gbs"] * 1e9)), 2) if nbytes else None
+        ),
+    }
+
+
+def _batch_ratio(r: Any, queries: list[str], single_s: float) -> dict[str, Any]:
+    qs = (queries * (BATCH // len(queries) + 1))[:BATCH]
+    r.search_batch(qs[:2], k=10)
+    t = time.perf_counter()
+    batch = r.search_batch(qs, k=10)
+    dt = time.perf_counter() - t
+    singles = [r.search(q, k=10) for q in qs[:3]]
+    same = all(
+        [h.chunk_id for h in a] == [h.chunk_id for h in b]
+        for a, b in zip(batch[:3], singles, strict=True)
+    )
+    return {
+        "batch of 32 s": round(dt, 2),
+        "32 single searches s (32 x median)": round(BATCH * single_s, 2),
+        "batch / singles": round(dt / (BATCH * single_s), 3),
+        "same top-10 as single searches": same,
+    }
+
+
+# ---------------------------------------------------------------- per retriever
+def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, int]) -> list:
+    """Full storage (readout over every layer, calibrated), then routing at layer r to B
+    blocks; FLOPs = 4 x heads x query tokens x keys attended x head_dim per layer (QK and PV)
+    + 2 x the layers' weights x query tokens."""
+    a = r.arch
+    live = r.store.live_rows()
+    lengths = r.store.varlen_lengths("ids")[live].float()
+    all_tokens = float(lengths.sum())
+    per_layer_w = _nonembedding_params(r.model) / a.num_layers
+    elem = {"float16": 2, "int8": 1, "float32": 4}[r.store_dtype]
+    kv_token = 2 * a.num_kv_heads * a.head_dim * elem
+    tq = statistics.mean(len(r.format.query(q, r.max_query_tokens)[0]) for q in queries)
+    heads = int(r.model.config.num_attention_heads)
+
+    def work(layers_tokens: list[float]) -> tuple[float, float]:
+        flops = sum(4 * heads * tq * s * a.head_dim + 2 * per_layer_w * tq for s in layers_tokens)
+        return flops, sum(s * kv_token for s in layers_tokens)
+
+    rows = []
+    depth = r._depth()
+    single, _ = _median_time(lambda q: r.search(q, k=10), queries)
+    flops, nbytes = work([all_tokens] * depth)
+    rows.append(
+        _row(f"in-context, {len(live)} blocks, {depth} layers", flops, nbytes, single, rates)
+    )
+    rows[-1].update(_batch_ratio(r, queries, single))
+    layer, top = route
+    with r.using(route_layer=layer, route_top=top):
+        routed_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
+        routed_tokens = float(lengths.mean()) * min(top, len(live))
+        flops, nbytes = work([all_tokens] * (layer + 1) + [routed_tokens] * (depth - layer - 1))
+        rows.append(
+            _row(
+                f"in-context, routing at layer {layer} to {top} blocks",
+                flops,
+                nbytes,
+                routed_s,
+                rates,
+            )
+        )
+    return rows
+
+
+def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
+    """Encoder over the query, MaxSim scan of every pooled vector (C0), decoder pass over C0,
+    Reverse-QWK scoring of every pooled vector; dense-layer FLOPs from parameter counts."""
+    live = int(r.store.live_rows().numel())
+    pooled = r.pooled_vectors()
+    elem = pooled.element_size()
+    tq = statistics.mean(int(r.encode_states([q])[0].shape[0]) for q in queries[:5])
+    enc_w = _nonembedding_params(r.arch.encoder())
+    dec_w = _nonembedding_params(r.arch.decoder())
+    scan = 2 * tq * live * r.p * r.dim
+    folded = len(r.layers) * r.model.config.get_text_config(decoder=True).num_attention_heads * r.m
+    c0_tokens = r.k0 * r.p  # the decoder reads C0's stored states
+    decoder = 2 * dec_w * (tq + r.m) + 4 * (tq + r.m) * c0_tokens * r.dim * len(r.layers)
+    score = 2 * folded * live * r.p * r.dim
+    rows = []
+    with r.using(mode="encoder"):
+        enc_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
+        f = 2 * enc_w * tq + scan
+        rows.append(
+            _row(
+                f"INTRA encoder stage (scan of {live} chunks)",
+                f,
+                live * r.p * r.dim * elem,
+                enc_s,
+                rates,
+            )
+        )
+        rows[-1].update(_batch_ratio(r, queries, enc_s))
+    full_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
+    f = 2 * enc_w * tq + scan + decoder + score
+    rows.append(
+        _row(
+            "INTRA full pass (C0 scan, decoder, Reverse-QWK)",
+            f,
+            2 * live * r.p * r.dim * elem,
+            full_s,
+            rates,
+        )
+    )
+    rows[-1].update(_batch_ratio(r, queries, full_s))
+    return rows
+
+
+def dense_rows(r: Any, queries: list[str], docs: list[str], rates: dict) -> list:
+    w = _nonembedding_params(r.model)
+    vecs = r.store.fixed("embedding")
+    n, dim = int(vecs.shape[0]), int(vecs.shape[1])
+    tok = r.tokenizer
+    tq = statistics.mean(len(tok(q)["input_ids"]) for q in queries)
+    single, _ = _median_time(lambda q: r.search(q, k=10), queries)
+    f = 2 * w * tq + 2 * n * dim
+    rows = [
+        _row(
+            f"dense query (encode + exact search of {n})",
+            f,
+            n * dim * vecs.element_size(),
+            single,
+            rates,
+        )
+    ]
+    rows[-1].update(_batch_ratio(r, queries, single))
+    sample = docs[:64]
+    t = time.perf_counter()
+    r.embed(sample, show_progress=False)
+    dt = time.perf_counter() - t
+    dtok = statistics.mean(min(len(tok(d)["input_ids"]), 256) for d in sample)
+    f = 2 * w * dtok
+    rows.append(_row("dense document encoding (per document)", f, 0.0, dt / len(sample), rates))
+    rows[-1]["documents/s"] = round(len(sample) / dt, 1)
+    return rows
+
+
+def generative_rows(r: Any, queries: list[str], rates: dict) -> list:
+    m = r.backbone.model
+    total = _nonembedding_params(m)
+    vocab = int(m.config.get_text_config(decoder=True).vocab_size)
+    hidden = int(m.config.get_text_config(decoder=True).hidden_size)
+    steps = max((len(t) for t in r._map.tokens if t is not None), default=1)
+    beams = r.num_beams
+    tq = statistics.mean(len(r.backbone.tokenizer(q)["input_ids"]) for q in queries)
+    # encoder once; decoder per beam per step (half the weights: encoder-decoder), vocab head
+    f = 2 * (total / 2) * tq + beams * steps * (2 * (total / 2) + 2 * hidden * vocab)
+    single, _ = _median_time(lambda q: r.search(q, k=10), queries)
+    row = _row(f"generative beam search ({beams} beams, {steps} steps)", f, 0.0, single, rates)
+    row.update(_batch_ratio(r, queries, single))
+    return [row]
+
+
+def measure(args: argparse.Namespace) -> None:
+    from intrinsic_retrieval import load_retriever
+
+    data = _data(args)
+    queries = [data.queries[q] for q in sorted(data.qrels)][: args.queries]
+    rates = {"sgemm_gflops": round(sgemm_gflops(), 1), "copy_gbs": round(copy_gbs(), 1)}
+    print(rates, flush=True)
+    rows: list[dict] = []
+    done = 0
+    work = Path(args.workdir)
+    for name in args.retrievers.split(","):
+        if not (work / name).exists():
+            print(f"{name}: no store in {work} (run --phase build)", flush=True)
+            continue
+        r = load_retriever(work / name, show_progress=False)
+        if name == "incontext":
+            rows += incontext_rows(r, queries, rates, (args.route_layer, args.route_top))
+        elif name == "intra":
+            rows += intra_rows(r, queries, rates)
+        elif name == "dense":
+            docs = [d.text for d in list(data.corpus.values())[:64]]
+            rows += dense_rows(r, queries, docs, rates)
+        elif name == "generative":
+            rows += generative_rows(r, queries, rates)
+        for row in rows[done:]:
+            print(json.dumps(row), flush=True)
+        done = len(rows)
+        del r
+    rates_after = {"sgemm_gflops": round(sgemm_gflops(), 1), "copy_gbs": round(copy_gbs(), 1)}
+    result = result_head(__file__, "roofline", "Roofline: query work against this machine's rates")
+    machine = [
+        {"when": "start", "sgemm GFLOP/s (float32)": rates["sgemm_gflops"],
+         "memory copy GB/s": rates["copy_gbs"]},
+        {"when": "end", "sgemm GFLOP/s (float32)": rates_after["sgemm_gflops"],
+         "memory copy GB/s": rates_after["copy_gbs"]},
+    ]  # fmt: skip
+    batch_cols = ("batch of 32 s", "32 single searches s (32 x median)", "batch / singles",
+                  "same top-10 as single searches")  # fmt: skip
+    roof = [{k: v for k, v in r.items() if k not in batch_cols} for r in rows]
+    batched = [
+        {"work": r["work"], **{k: r[k] for k in batch_cols}} for r in rows if batch_cols[0] in r
+    ]
+    result.update(
+        {
+            "documents": len(data.corpus),
+            "queries": len(queries),
+            "machine_rates_start": rates,
+            "machine_rates_end": rates_after,
+            "rows": rows,
+            "tables": [
+                _table("This machine's rates, measured in the same run", machine),
+                _table(
+                    f"Query work against those rates ({len(data.corpus)} SciFact documents, "
+                    f"median of {len(queries)} test queries)",
+                    roof,
+                ),
+                _table("search_batch of 32 queries against 32 single searches", batched),
+            ],
+            "notes": [
+                "x compute bound = median time / (FLOPs / float32 sgemm rate measured at the start "
+                "of this run, 2048x2048, all torch threads); x memory bound = median time / "
+                "(bytes of stored vectors read / memory-copy rate, read + write of 512 MB).",
+                "FLOPs are counted from the shapes each search used: attention from the tokens "
+                "attended, dense layers as 2 x non-embedding weights x tokens (beam search: half "
+                "the weights per decoder step plus the vocabulary projection, an estimate).",
+                "batch / singles = one search_batch of 32 queries against 32 x the median single "
+                "search; in-context batches readout queries (query_batch=16) and shares the pass "
+                "over the stored blocks; INTRA shares the encoder and the MaxSim scan, the decoder "
+                "pass stays per query; generative batches the encoder and beam search.",
+                "Warm-up: one search before timing (the calibration pass over the candidates is "
+                "cached after it).",
+            ],
+        }
+    )
+    result["tables"][1]["notes"] = result.pop("notes")
+    write_result(args.out, result)
+
+
+# ---------------------------------------------------------------- model loading
+def _load_seconds(model: str, env: dict[str, str]) -> float:
+    code = (
+        "import time,sys;t=time.perf_counter();"
+        "from intrinsic_retrieval.retrievers.incontext.retriever import InContextRetriever;"
+        f"InContextRetriever({model!r}, show_progress=False);"
+        "print(time.perf_counter()-t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def load_times(args: argparse.Namespace) -> None:
+    """Cold: the GGUF copied to an empty folder, so it is dequantised and the safetensors copy
+    written; warm: the same folder again (the copy memory-mapped). Each in a fresh process
+    (imports included)."""
+    from intrinsic_retrieval.models.loading import gemma3_gguf_path, smollm2_gguf_path
+
+    rows = []
+    for name, find in (("smollm2", smollm2_gguf_path), ("gemma3", gemma3_gguf_path)):
+        src = find()
+        if src is None:
+            print(f"{name}: not fetched (make models)")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = Path(tmp) / Path(src).name
+            shutil.copy(src, dst)
+            env = dict(os.environ)
+            cold = _load_seconds(str(dst), env)
+            warm = [_load_seconds(str(dst), env) for _ in range(3)]
+        rows.append(
+            {
+                "model": name,
+                "cold s (dequantise + write copy)": round(cold, 1),
+                "warm s (median of 3)": round(statistics.median(warm), 1),
+                "cold / warm": round(cold / statistics.median(warm), 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    result = result_head(__file__, "model_load", "Model load: GGUF cold vs cached copy warm")
+    result["rows"] = rows
+    result["tables"] = [_table("Load time of a packaged model in a fresh process", rows)]
+    result["tables"][0]["notes"] = [
+        "Seconds for a fresh Python process to import the library and build an "
+        "InContextRetriever on the model (no store). Cold = first use of that GGUF file "
+        "(dequantised by transformers, then saved as float32 safetensors beside it, keyed by "
+        "the file's sha256); warm = later processes, which map the saved copy."
+    ]
+    write_result(args.out, result)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--phase", choices=("build", "measure", "load"), required=True)
+    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    p.add_argument("--workdir", default=str(ROOT.parent / "stores" / "roofline"))
+    p.add_argument("--docs", type=int, default=1000)
+    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--retrievers", default="incontext,intra,dense,generative")
+    p.add_argument("--route-layer", type=int, default=8)
+    p.add_argument("--route-top", type=int, default=100)
+    p.add_argument("--out", default=str(HERE / "results" / "roofline.json"))
+    args = p.parse_args()
+    {"build": build, "measure": measure, "load": load_times}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
