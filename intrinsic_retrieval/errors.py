@@ -5,7 +5,27 @@ from __future__ import annotations
 
 
 class RetrievalError(Exception):
-    """Base class of every error this library raises on purpose."""
+    """Base class of every error this library raises on purpose.
+
+    Errors cross process boundaries intact (a Ray worker's `ModelMismatchError` reaches the
+    driver as itself): the constructor's arguments are kept and rebuild the error when it is
+    unpickled, which `Exception`'s default (message only) cannot do for the subclasses that
+    take other arguments."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> RetrievalError:
+        self = super().__new__(cls, *args)
+        self._init_args = (args, kwargs)
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:
+        args, kwargs = getattr(self, "_init_args", (self.args, {}))
+        return (_rebuild_error, (type(self), args, kwargs))
+
+
+def _rebuild_error(
+    cls: type[RetrievalError], args: tuple[object, ...], kwargs: dict[str, object]
+) -> RetrievalError:
+    return cls(*args, **kwargs)
 
 
 class InvalidInputError(RetrievalError, ValueError):

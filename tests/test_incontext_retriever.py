@@ -203,6 +203,48 @@ def test_routing_with_all_documents_equals_no_routing(tiny_llama: str, tmp_path:
     assert a == b
 
 
+def test_mass_routing_keeps_the_early_layers_readout_top(tiny_llama: str, tmp_path: Path) -> None:
+    """route_score="mass" routes by the calibrated readout of the layers before the first routed
+    one: the routed set is the top of a plain search that reads those layers only."""
+    docs = [*DOCS, {"id": "e", "text": "gene study of mice"}, {"id": "f", "text": "dog blood"}]
+    early = make(tiny_llama, tmp_path / "early", readout_layers=[0, 1])
+    early.add(docs)
+    routed = make(tiny_llama, tmp_path / "r", route_layer=1, route_top=3, route_score="mass")
+    routed.add(docs)
+    for q in ("fox dog", "protein gene cells"):
+        top = {h.document_id for h in early.search(q, k=3)}
+        assert {h.document_id for h in routed.search(q, k=6)[:3]} == top
+    # routing every document is no routing at all
+    plain = make(tiny_llama, tmp_path / "p")
+    plain.add(docs)
+    routed.configure(route_top=len(docs))
+    _same_ranking(_ranked(routed, "fox dog", 6), _ranked(plain, "fox dog", 6))
+    with pytest.raises(InvalidInputError, match="route_score"):
+        routed.configure(route_score="qk")
+    with pytest.raises(InvalidInputError, match="readout_layers has none"):
+        routed.configure(readout_layers=[2])
+    routed.configure(readout_layers=[1, 2])  # layer 1 routes after its attention: it counts
+    with pytest.raises(InvalidInputError, match="readout_layers has none"):
+        routed.configure(route_before_attend=True, readout_layers=[1, 2])  # now it does not
+
+
+def test_readout_fit_with_mass_routing(tiny_llama: str, tmp_path: Path) -> None:
+    """Training with route_score="mass" adds the routing cross-entropy on the early layers'
+    readout (the loss is larger than without it) and still lowers it."""
+    losses = {}
+    for score in ("maxsim", "mass"):
+        r = make(tiny_llama, tmp_path / score, max_doc_tokens=32, route_layer=0, route_score=score)
+        r.add(TOPIC_DOCS)
+        report = r.fit(
+            TOPIC_QUERIES, objective="readout", candidates=6, hard_negatives=2, epochs=12,
+            lr=1e-2, batch_size=4, show_progress=False, route_weight=1.0,
+        )  # fmt: skip
+        losses[score] = report.losses
+    mass = losses["mass"]
+    assert sum(mass[-3:]) / 3 < sum(mass[:3]) / 3
+    assert mass[0] != pytest.approx(losses["maxsim"][0])
+
+
 def test_bad_input(tiny_llama: str, tiny_llama_other: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="no room"):
         make(tiny_llama, tmp_path / "x", max_doc_tokens=12)
@@ -344,6 +386,7 @@ def _same_ranking(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> Non
         {"route_layer": 0, "ssmax": "auto", "kv_source": "ram"},
         {"route_layer": 1, "store_dtype": "int8", "calibrate": False},
         {"route_layer": 1, "scoring": "codes", "num_beams": 3},
+        {"route_layer": 1, "route_score": "mass"},
     ],
 )
 def test_routing_keys_storage_ranks_like_full_storage(

@@ -78,6 +78,12 @@ class StoreRetriever(abc.ABC):
     renamed_options: ClassVar[dict[str, str]] = {}
     #: this retriever's query-time options
     search_options_class: ClassVar[type[SearchOptions]] = SearchOptions
+    #: what a row stores depends on its position in the whole index (in-context codes): a store
+    #: part must be told the rows before it (`set_row_offset`)
+    row_offset_matters: ClassVar[bool] = False
+    #: a chunk's score depends only on the query and that chunk (no corpus statistics, no
+    #: attention across chunks), so per-part top-k lists merge into the single store's exactly
+    local_scores: ClassVar[bool] = False
     search_options: SearchOptions
 
     def __init__(
@@ -375,6 +381,12 @@ class StoreRetriever(abc.ABC):
             "chunk_overlap": self.chunk_overlap,
             "index_batch_size": self.index_batch_size,
         }
+
+    def set_row_offset(self, offset: int) -> None:
+        """This store is a part of a larger index, after `offset` rows of other parts
+        (`intrinsic_retrieval.distributed`); retrievers whose rows depend on their position
+        start there. A no-op for the rest."""
+        del offset  # nothing these rows store depends on where they stand
 
     def _open_or_create(self, root: Path) -> EncodedChunkStore:
         fp = self._fingerprint()

@@ -35,6 +35,7 @@ class DenseRetriever(StoreRetriever):
     """
 
     name = "dense"
+    local_scores = True  # cosine of the query and chunk embeddings
 
     def __init__(
         self,

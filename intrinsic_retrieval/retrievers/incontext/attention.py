@@ -12,13 +12,15 @@ Two length-aware options from the paper:
 * document-level routing — at one layer, documents are scored by QK-MaxSim (for each query token
   and head the max logit over the document's tokens, summed over tokens, averaged over heads); only
   the top-B documents are attended to by later layers (or, with ``route_before_attend``, by the
-  routing layer itself and later ones, scored from that layer's keys alone).
+  routing layer itself and later ones, scored from that layer's keys alone). A caller may score
+  routing otherwise (`route_by`): the retriever's ``route_score="mass"`` routes by the calibrated
+  attention mass of the readout layers up to the routing layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,11 @@ from .blockattn import BatchLogits, attend_batch, doc_maxima, maxsim_scores, res
 
 if TYPE_CHECKING:
     from .kv import KVSource
+
+#: routing score of `docs` from the masses recorded so far: ``(masses, docs) -> (len(docs),)``
+RouteScorer = Callable[
+    [Mapping[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor], torch.Tensor
+]
 
 
 def pack_layer(
@@ -215,6 +222,7 @@ def query_pass(
     route_top: int | None = None,
     routed: torch.Tensor | None = None,
     route_before_attend: bool = False,
+    route_by: RouteScorer | None = None,
     mass_layers: Sequence[int] = (),
     mass_tokens: torch.Tensor | None = None,
     start_layer: int = 0,
@@ -236,7 +244,9 @@ def query_pass(
     layer's attention itself, like every later layer, covers only the routed documents. This is
     what a routing-keys store (`recompute.RecomputedKV`) can serve; a full store under the same
     option gives the same result. The corpus is told the routed
-    set once per pass."""
+    set once per pass. `route_by` replaces QK-MaxSim as the routing score: it is called with the
+    masses recorded so far (`mass_layers` up to the routing layer; before it, with
+    `route_before_attend`) and the documents to score."""
     pre_route = route_layer if route_before_attend else None
     if route_before_attend:
         route_layer = None  # the in-loop (after-attention) routing below stays off
@@ -273,7 +283,10 @@ def query_pass(
                 all_tok = int(corpus.lengths[active].sum())
                 f_all = _ssmax_factor(s_l, ssmax_count, all_tok, len(active), past + qi + 1)
                 spec_all = BatchLogits(scale, cap, f_all, window, q_offset + past + qi)
-                scores = routing_scores(corpus, layer, qg, active, spec_all, block_docs)
+                if route_by is not None:
+                    scores = route_by(result.masses, active)
+                else:
+                    scores = routing_scores(corpus, layer, qg, active, spec_all, block_docs)
                 routed = _route(result, len(corpus), active, scores, route_top)
             active = routed
             corpus.prepare(routed)
@@ -308,7 +321,7 @@ def query_pass(
                 lengths,
                 spec,
                 doc_lse=layer in mass_set,
-                doc_max=layer == route_layer,
+                doc_max=layer == route_layer and route_by is None,
             )
             if part.doc_max is not None:
                 route_parts.append(maxsim_scores(part.doc_max))
@@ -333,9 +346,13 @@ def query_pass(
                 result.masses[layer] = (active, mass[:, :, mass_tokens].mean(2))
         attn = out.reshape(bsz, hkv * g, tq, dim).transpose(1, 2).reshape(bsz, tq, -1)
         h = arch.finish(layer, h, attn.to(h.dtype))
-        if layer == route_layer and route_parts and routed is None:
-            routed = _route(result, len(corpus), active, torch.cat(route_parts), route_top)
-            active = routed
+        if layer == route_layer and routed is None:
+            scores = route_by(result.masses, active) if route_by is not None else None
+            if scores is None and route_parts:
+                scores = torch.cat(route_parts)
+            if scores is not None:
+                routed = _route(result, len(corpus), active, scores, route_top)
+                active = routed
     result.hidden = h
     return result
 

@@ -23,19 +23,21 @@ def digits_needed(n: int) -> int:
     return max(1, len(str(max(n - 1, 0))))
 
 
-def assign_codes(used: Iterable[int], n: int, digits: int) -> list[int]:
-    """The `n` smallest codes not in `used`; codes of deleted documents are reused."""
+def assign_codes(used: Iterable[int], n: int, digits: int, start: int = 0) -> list[int]:
+    """The `n` smallest codes from `start` on that are not in `used`; codes of deleted
+    documents are reused. (`start` > 0: a store part whose codes follow the parts before it.)"""
     taken = set(int(u) for u in used)
     space = 10**digits
-    if len(taken) + n > space:
-        need = digits_needed(len(taken) + n)
+    total = start + len(taken) + n
+    if total > space:
+        need = digits_needed(total)
         raise IdSpaceExhaustedError(
-            f"{len(taken) + n} documents do not fit the {digits}-digit code space ({space} codes); "
+            f"{total} documents do not fit the {digits}-digit code space ({space} codes); "
             f"widen the code: build the index with code_digits={need} (codes are part of every "
             "stored block, so existing documents must be re-added)"
         )
     out: list[int] = []
-    c = 0
+    c = start
     while len(out) < n:
         if c not in taken:
             out.append(c)

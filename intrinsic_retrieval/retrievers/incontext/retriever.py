@@ -35,13 +35,15 @@ from .codes import FORMAT_VERSION, NULL_QUERY, PromptFormat, assign_codes
 from .kv import StoreKV
 from .prefill import prefill_blocks
 from .recompute import BlockCache, RecomputedKV, to_storage
-from .scoring import constrained_beam_search, readout_scores
+from .scoring import Masses, constrained_beam_search, readout_scores
 from .train import QUERY_LORA_AUX, InContextFitConfig
 
 QUERY_LORA_FORMAT = "intrinsic-retrieval/incontext-query-lora/v1"
 
 SCORINGS = ("readout", "codes")
 KV_STORAGES = ("full", "routing")
+#: what ranks documents at the routing layer (docs/incontext.md, "Routing")
+ROUTE_SCORES = ("maxsim", "mass")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class InContextSearchOptions(SearchOptions):
     route_layer: int | None = None
     route_top: int = 256
     route_before_attend: bool | None = None
+    route_score: str = "maxsim"
     recompute_cache_docs: int = 64
     num_beams: int = 10
     block_docs: int = 64
@@ -70,6 +73,7 @@ class InContextSearchOptions(SearchOptions):
         check_choice("scoring", self.scoring, SCORINGS)
         check_choice("readout_tokens", self.readout_tokens, ("all", "query", "last"))
         check_choice("ssmax_count", self.ssmax_count, ("tokens", "docs"))
+        check_choice("route_score", self.route_score, ROUTE_SCORES)
         check_choice("attention_backend", self.attention_backend, BACKENDS)
         if isinstance(self.ssmax, str) and self.ssmax != "auto":
             raise InvalidInputError(
@@ -115,6 +119,8 @@ class InContextRetriever(StoreRetriever):
     `readout_heads`, `calibrate`, `ssmax` (scalable-softmax ``s_l``: a float, one per layer, or
     "auto" = ``1/log(ssmax_reference)``), `route_layer` / `route_top` (QK-MaxSim routing),
     `route_before_attend` (route from the routing layer's keys before its attention),
+    `route_score` ("maxsim", BlockSearch's QK-MaxSim, or "mass": the calibrated readout of the
+    readout layers below the first routed layer, a far better router on Gemma 3),
     `kv_storage` ("full", or "routing": store only what layers up to `route_layer` need and
     recompute the routed blocks' later layers at query time, `recompute_cache_docs` kept),
     `query_batch` (readout queries of one `search_batch` that share a pass over the stored
@@ -125,6 +131,7 @@ class InContextRetriever(StoreRetriever):
     renamed_options: ClassVar[dict[str, str]] = {"kv_dtype": "store_dtype"}
     search_options_class = InContextSearchOptions
     fit_config = InContextFitConfig
+    row_offset_matters = True  # each block's text starts with its code
 
     def __init__(
         self,
@@ -151,6 +158,7 @@ class InContextRetriever(StoreRetriever):
         route_layer: int | None = None,
         route_top: int = 256,
         route_before_attend: bool | None = None,
+        route_score: str = "maxsim",
         recompute_cache_docs: int = 64,
         num_beams: int = 10,
         block_docs: int = 64,
@@ -206,6 +214,7 @@ class InContextRetriever(StoreRetriever):
                 route_layer=route_layer,
                 route_top=route_top,
                 route_before_attend=route_before_attend,
+                route_score=route_score,
                 recompute_cache_docs=recompute_cache_docs,
                 num_beams=num_beams,
                 block_docs=block_docs,
@@ -219,6 +228,7 @@ class InContextRetriever(StoreRetriever):
         self._corpus: Any = None
         self.truncated_ids: list[str] = []
         self._pending_codes: list[int] = []
+        self._code_start = 0
         super().__init__(
             path=path,
             chunk_size=chunk_size,
@@ -251,6 +261,15 @@ class InContextRetriever(StoreRetriever):
         if o.route_layer is not None and not 0 <= int(o.route_layer) < self.kv_layers:
             raise InvalidInputError(f"route_layer must lie in [0, {self.kv_layers})")
         self._resolve_ssmax(o.ssmax, o.ssmax_reference)  # a per-layer list of the wrong length
+        if o.route_score == "mass" and o.route_layer is not None:
+            before = self.kv_storage == "routing" or bool(o.route_before_attend)
+            first_routed = int(o.route_layer) + (0 if before else 1)
+            readout = range(self.kv_layers) if o.readout_layers is None else o.readout_layers
+            if not any(int(x) < first_routed for x in readout):
+                raise InvalidInputError(
+                    f"route_score='mass' routes by the readout of layers below {first_routed}, "
+                    f"and readout_layers has none: add one or use route_score='maxsim'"
+                )
         if self.kv_storage == "routing":
             if o.route_layer is None:
                 raise InvalidInputError(
@@ -279,6 +298,7 @@ class InContextRetriever(StoreRetriever):
         self.readout_heads = None if o.readout_heads is None else [int(x) for x in o.readout_heads]
         self.route_layer = None if o.route_layer is None else int(o.route_layer)
         self.route_before_attend = self.kv_storage == "routing" or bool(o.route_before_attend)
+        self.route_score = o.route_score
         self.ssmax = self._resolve_ssmax(o.ssmax, o.ssmax_reference)
         self._block_cache.capacity = int(o.recompute_cache_docs)
         self._null_cache.clear()
@@ -346,6 +366,11 @@ class InContextRetriever(StoreRetriever):
         }
 
     # ------------------------------------------------------------------ indexing
+    def set_row_offset(self, offset: int) -> None:
+        """Codes of this store part start after the `offset` rows of the parts before it, as
+        they would in one store built in a single pass."""
+        self._code_start = int(offset)
+
     def _live_codes(self) -> list[int]:
         live = self.store.live_rows()
         if not len(live):
@@ -354,7 +379,7 @@ class InContextRetriever(StoreRetriever):
 
     def _ingest(self, docs: Sequence[Document]) -> None:
         n_new = sum(len(self.chunker.split(d)) for d in docs)
-        assign_codes(self._live_codes(), n_new, self.code_digits)  # fail before any work
+        assign_codes(self._live_codes(), n_new, self.code_digits, self._code_start)  # fail early
         self._pending_codes: list[int] = []
         self.truncated_ids = []
         try:
@@ -381,7 +406,10 @@ class InContextRetriever(StoreRetriever):
 
     def _encode_chunks(self, chunks: Sequence[Chunk]) -> dict[str, Any]:
         codes = assign_codes(
-            [*self._live_codes(), *self._pending_codes], len(chunks), self.code_digits
+            [*self._live_codes(), *self._pending_codes],
+            len(chunks),
+            self.code_digits,
+            self._code_start,
         )
         self._pending_codes.extend(codes)
         blocks = self.encode_blocks(codes, [c.text for c in chunks])
@@ -559,6 +587,23 @@ class InContextRetriever(StoreRetriever):
             depth = max(depth, self.route_layer + 1)
         return depth
 
+    def _route_kw(self, null: Masses | None) -> dict[str, Any]:
+        """A query pass's routing arguments: the routing layer and, with ``route_score="mass"``,
+        the scorer (the readout of the layers before the first routed one, calibrated by the
+        content-free query's masses `null`) and the layers whose masses it reads."""
+        kw: dict[str, Any] = {"route_layer": self.route_layer, "route_top": self.route_top}
+        if self.route_layer is None or self.route_score != "mass":
+            return kw
+        layers = [x for x in self.readout_layers if x < self._routed_from()]
+        n, heads = self.store.num_rows, self.readout_heads
+
+        def by_mass(masses: Masses, docs: torch.Tensor) -> torch.Tensor:
+            return readout_scores(masses, n, layers, heads, null)[0][docs]
+
+        kw["route_by"] = by_mass
+        kw["mass_layers"] = layers
+        return kw
+
     def _readout_batch(self, queries: Sequence[str], docs: torch.Tensor, k: int) -> list[Ranked]:
         """Readout of several queries in one pass over the stored blocks: the queries are
         right-padded into one batch (causal attention keeps padding out of every real token)
@@ -589,18 +634,12 @@ class InContextRetriever(StoreRetriever):
     def _readout_rank(self, query: str, docs: torch.Tensor, k: int) -> Ranked:
         ids, sel = self._query_ids(query)
         depth = self._depth()
-        res = self._pass(
-            ids,
-            docs,
-            depth,
-            mass_layers=self.readout_layers,
-            mass_tokens=sel,
-            route_layer=self.route_layer,
-            route_top=self.route_top,
-        )
+        null = self._null(docs) if self.calibrate else None
+        route = self._route_kw(None if null is None else null.masses)
+        route["mass_layers"] = self.readout_layers
+        res = self._pass(ids, docs, depth, mass_tokens=sel, **route)
         null_masses = None
-        if self.calibrate:
-            null = self._null(docs)
+        if null is not None:
             null_masses = dict(null.masses)
             if res.routed is not None and depth > self._routed_from():
                 # the content-free query resumes where routing starts, over the same routed set
@@ -642,7 +681,8 @@ class InContextRetriever(StoreRetriever):
     def _code_rank(self, query: str, docs: torch.Tensor, k: int) -> Ranked:
         ids, _ = self._query_ids(query)
         L = self.arch.num_layers
-        res = self._pass(ids, docs, L, route_layer=self.route_layer, route_top=self.route_top)
+        null = self._null(docs) if self.calibrate and self.route_score == "mass" else None
+        res = self._pass(ids, docs, L, **self._route_kw(None if null is None else null.masses))
         first = torch.log_softmax(
             self.arch.logits(self.arch.final_norm(res.hidden[:, -1])).float(), -1
         )[0]

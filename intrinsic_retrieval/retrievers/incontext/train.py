@@ -7,7 +7,8 @@ candidate set of `candidates` stored blocks — its positives, the `hard_negativ
 documents that are not positives, and random others — exactly as a search over them would
 (scalable softmax, readout layers, calibration by the content-free query), and the loss is the
 cross-entropy of the calibrated readout scores over that set (temperature `temperature`), plus,
-with routing on, the cross-entropy of the routing layer's QK-MaxSim scores (`route_weight`). The
+with routing on, the cross-entropy of the routing scores (`route_weight`; QK-MaxSim or the
+calibrated mass of the early layers, as `route_score` says). The
 documents' stored keys/values come from the untouched model and stay valid: nothing is
 re-encoded, and the update persists in the store (`query_lora` aux) and reloads with it.
 
@@ -288,13 +289,14 @@ def fit_readout(
         rest = [x for x in all_rows if x not in taken]
         docs = torch.tensor(sorted(taken | set(rng.sample(rest, min(room, len(rest))))))
         ids, sel = r._query_ids(q)
+        kw = {"mass_layers": r.readout_layers, "route_top": len(docs)}
         with update.applied(projs):
-            kw = {"mass_layers": r.readout_layers, "route_top": len(docs)}
-            res = r._pass(ids, docs, depth, mass_tokens=sel, route_layer=r.route_layer, **kw)
             null = None
-            if r.calibrate:
+            if r.calibrate:  # first: mass routing is calibrated by it
                 with torch.no_grad():
                     null = r._pass(null_ids, docs, depth, mass_tokens=null_sel, **kw).masses
+            route = {**r._route_kw(null), **kw}
+            res = r._pass(ids, docs, depth, mass_tokens=sel, **route)
         n = r.store.num_rows
         total, _ = readout_scores(res.masses, n, r.readout_layers, r.readout_heads, null)
         target = torch.isin(docs, torch.tensor(pos))
@@ -302,7 +304,10 @@ def fit_readout(
         loss = torch.logsumexp(logits, 0) - torch.logsumexp(logits[target], 0)
         if res.route_logits is not None and cfg.route_weight > 0:
             route_docs, route = res.route_logits
-            rl = route / max(1, int(ids.shape[1]))  # mean over query tokens of the max logits
+            if r.route_score == "mass":  # a readout: the same temperature as the readout loss
+                rl = route / cfg.temperature
+            else:  # QK-MaxSim: mean over query tokens of the max logits
+                rl = route / max(1, int(ids.shape[1]))
             rt = torch.isin(route_docs, torch.tensor(pos))
             loss = loss + cfg.route_weight * (torch.logsumexp(rl, 0) - torch.logsumexp(rl[rt], 0))
         return loss

@@ -1,0 +1,333 @@
+"""Scale-out: store parts combined into one store, indexing on a local Ray cluster started here,
+search over parts held by Ray actors (intrinsic_retrieval.distributed)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from support.decoder import save_causal_lm
+from support.intra import save as save_intra_model
+from support.models import save as save_model
+from support.models import tiny_bert
+
+from intrinsic_retrieval import Document, create_retriever, load_retriever
+from intrinsic_retrieval.distributed import (
+    DistributedRetriever,
+    PartsError,
+    combine,
+    index_distributed,
+    merge_top_k,
+    parts_dir,
+    split_ranges,
+)
+from intrinsic_retrieval.errors import (
+    ConcurrentWriteError,
+    InvalidInputError,
+    ModelMismatchError,
+)
+from intrinsic_retrieval.store import EncodedChunkStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = [
+    "protein",
+    "gene",
+    "cell",
+    "blood",
+    "risk",
+    "vitamin",
+    "fox",
+    "dog",
+    "planet",
+    "magma",
+    "insulin",
+    "light",
+    "energy",
+]
+DOCS = [
+    Document(
+        " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(6 + i % 9)) + f" item {i}",
+        f"d{i}",
+        {"tier": i % 3},
+    )
+    for i in range(23)
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "dense": str(save_model(tiny_bert(), root, "bert")),
+        "incontext": save_causal_lm(root, "llama", 0),
+        "intra": save_intra_model("t5", root),
+    }
+
+
+def _options(kind: str, models: dict[str, str]) -> dict:
+    if kind == "bm25":
+        return {}
+    if kind == "incontext":
+        return {"model": models["incontext"], "max_doc_tokens": 64, "chunk_size": 16}
+    return {"model": models[kind], "chunk_size": 16, "chunk_overlap": 0}
+
+
+def _single(kind: str, models: dict[str, str], path: Path):
+    r = create_retriever(kind, path=str(path), show_progress=False, **_options(kind, models))
+    r.add(DOCS)
+    return r
+
+
+def assert_same_rows(a: Path, b: Path) -> None:
+    """Row for row: the same chunks (ids, texts, metadata, offsets) and the same tensors."""
+    with (
+        EncodedChunkStore.open(a, read_only=True) as x,
+        EncodedChunkStore.open(b, read_only=True) as y,
+    ):
+        assert x.fingerprint == y.fingerprint and x.specs == y.specs and x.config == y.config
+        assert x.num_rows == y.num_rows
+        rows = list(range(x.num_rows))
+        assert x.get(rows) == y.get(rows)
+        for name, spec in x.specs.items():
+            if spec.kind == "fixed":
+                torch.testing.assert_close(x.fixed(name)[rows], y.fixed(name)[rows])
+            else:
+                for u, v in zip(x.varlen(name, rows), y.varlen(name, rows), strict=True):
+                    torch.testing.assert_close(u.float(), v.float(), atol=2e-3, rtol=2e-3)
+
+
+def _parts_by_hand(kind: str, models: dict[str, str], root: Path, n: int) -> list[Path]:
+    """Parts as workers write them (the row offset told), without Ray."""
+    paths = []
+    for i, rng in enumerate(split_ranges(len(DOCS), n)):
+        path = root / f"part-{i}"
+        r = create_retriever(kind, path=str(path), show_progress=False, **_options(kind, models))
+        r.set_row_offset(sum(len(r.chunker.split(d)) for d in DOCS[: rng.start]))
+        r.add([DOCS[j] for j in rng])
+        r.close()
+        paths.append(path)
+    return paths
+
+
+def test_split_ranges_are_contiguous_and_balanced() -> None:
+    for n, parts in [(23, 4), (5, 8), (1, 1), (100, 7)]:
+        ranges = split_ranges(n, parts)
+        assert [i for r in ranges for i in r] == list(range(n))
+        sizes = [len(r) for r in ranges]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+@pytest.mark.parametrize("kind", ["bm25", "dense", "incontext", "intra"])
+def test_combined_parts_equal_a_single_store(kind: str, models, tmp_path: Path) -> None:
+    single = _single(kind, models, tmp_path / "single")
+    single.close()
+    parts = _parts_by_hand(kind, models, tmp_path / "parts", 3)
+    combine(parts, tmp_path / "combined")
+    assert_same_rows(tmp_path / "single", tmp_path / "combined")
+    r = load_retriever(tmp_path / "combined", show_progress=False)
+    s = load_retriever(tmp_path / "single", show_progress=False)
+    for q in ("protein gene", "fox dog planet"):
+        assert [(h.chunk_id, round(h.score, 4)) for h in r.search(q, k=5)] == [
+            (h.chunk_id, round(h.score, 4)) for h in s.search(q, k=5)
+        ]
+
+
+def test_combine_refusals_and_atomicity(models, tmp_path: Path, monkeypatch) -> None:
+    parts = _parts_by_hand("bm25", models, tmp_path / "parts", 2)
+    # a part made by another model (another analyser: another fingerprint)
+    other = create_retriever(
+        "bm25", path=str(tmp_path / "other"), stemmer=None, show_progress=False
+    )
+    other.add(DOCS[:3])
+    other.close()
+    with pytest.raises(ModelMismatchError):
+        combine([parts[0], tmp_path / "other"], tmp_path / "c1")
+    # the same model, another configuration
+    k1 = create_retriever("bm25", path=str(tmp_path / "k1"), k1=1.5, show_progress=False)
+    k1.add(DOCS[:3])
+    k1.close()
+    with pytest.raises(PartsError, match="configuration"):
+        combine([parts[0], tmp_path / "k1"], tmp_path / "c2")
+    # a combiner that fails half-way leaves no store and no temporary behind
+    from intrinsic_retrieval.distributed import parts as parts_mod
+
+    calls = []
+
+    def boom(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(src, dst)
+
+    original = parts_mod._copy_rows
+    monkeypatch.setattr(parts_mod, "_copy_rows", boom)
+    with pytest.raises(OSError, match="disk full"):
+        combine(parts, tmp_path / "c3")
+    monkeypatch.undo()
+    assert not (tmp_path / "c3").exists()
+    assert not list(tmp_path.glob(".c3.combining-*"))
+    # a killed combiner's leftovers are cleared by the next one, which succeeds
+    (tmp_path / ".c3.combining-dead").mkdir()
+    combine(parts, tmp_path / "c3")
+    assert not list(tmp_path.glob(".c3.combining-*"))
+    with pytest.raises(PartsError, match="exists"):
+        combine(parts, tmp_path / "c3")
+    with pytest.raises(PartsError, match="no store parts"):
+        combine(tmp_path / "nowhere", tmp_path / "c4")
+
+
+def test_two_combiners_at_once(models, tmp_path: Path) -> None:
+    """Another process holds the combiner's lock: the second combiner is refused, nothing is
+    written, and once the first is gone combining works."""
+    parts = _parts_by_hand("bm25", models, tmp_path / "parts", 2)
+    lock_dir = tmp_path / "parts"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(lock_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConcurrentWriteError):
+            combine(parts, tmp_path / "c", lock_dir=lock_dir)
+        assert not (tmp_path / "c").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = os.open(lock_dir / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with its process
+    os.close(fd)
+    combine(parts, tmp_path / "c", lock_dir=lock_dir)
+    assert_same_rows(tmp_path / "c", tmp_path / "c")
+
+
+def test_merge_top_k_orders_by_score_then_part() -> None:
+    from intrinsic_retrieval.types import Hit
+
+    a = [Hit("a1", "a", "", 0.9, 1), Hit("a2", "a", "", 0.5, 2)]
+    b = [Hit("b1", "b", "", 0.7, 1), Hit("b2", "b", "", 0.5, 2)]
+    got = merge_top_k([a, b], 3)
+    assert [(h.chunk_id, h.rank) for h in got] == [("a1", 1), ("b1", 2), ("a2", 3)]
+
+
+# ---------------------------------------------------------------- on a local Ray cluster
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=100 * 2**20,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["bm25", "dense", "incontext", "intra"])
+def test_ray_indexing_equals_single_process(kind: str, models, ray_cluster, tmp_path: Path) -> None:
+    _single(kind, models, tmp_path / "single").close()
+    report = index_distributed(
+        kind, DOCS, tmp_path / "idx", options=_options(kind, models), parts=2
+    )
+    assert report.parts == 2 and report.documents == len(DOCS) and report.parts_done_before == 0
+    assert not parts_dir(tmp_path / "idx").exists()  # parts removed once combined
+    assert_same_rows(tmp_path / "single", tmp_path / "idx")
+    assert len(load_retriever(tmp_path / "idx", show_progress=False)) == report.chunks
+
+
+def test_ray_indexing_resumes_and_refuses(models, ray_cluster, tmp_path: Path) -> None:
+    opts = _options("dense", models)
+    dest = tmp_path / "idx"
+    root = parts_dir(dest)
+    # first run: parts only, then part 1 loses its marker and half of its rows never happened
+    # (what a worker killed after some commits leaves: its store is crash-safe)
+    index_distributed("dense", DOCS, dest, options=opts, parts=2, combine_parts=False)
+    (root / "part-00001.done.json").unlink()
+    import shutil
+
+    shutil.rmtree(root / "part-00001")
+    half = create_retriever("dense", path=str(root / "part-00001"), show_progress=False, **opts)
+    half.add(DOCS[12:17])
+    half.close()
+    report = index_distributed("dense", DOCS, dest, options=opts, parts=2)
+    assert report.parts_done_before == 1
+    _single("dense", models, tmp_path / "single").close()
+    assert_same_rows(tmp_path / "single", dest)
+    # a re-run over another corpus is refused, not mixed in
+    index_distributed("dense", DOCS, tmp_path / "b", options=opts, parts=2, combine_parts=False)
+    with pytest.raises(PartsError, match="another corpus"):
+        index_distributed("dense", DOCS[:-1], tmp_path / "b", options=opts, parts=2)
+    with pytest.raises(PartsError, match="already an index"):
+        index_distributed("dense", DOCS, dest, options=opts, parts=2)
+    # a part written by another model: the worker's typed error comes back as itself
+    bad = tmp_path / "c"
+    other = create_retriever("bm25", path=str(parts_dir(bad) / "part-00000"), stemmer=None,
+                             show_progress=False)  # fmt: skip
+    other.close()
+    with pytest.raises(ModelMismatchError):
+        index_distributed("bm25", DOCS, bad, parts=2)
+    with pytest.raises(InvalidInputError, match="unknown retriever"):
+        index_distributed("nope", DOCS, tmp_path / "d")
+
+
+def _same_hits(got: list, want: list) -> None:
+    """The same scores rank by rank and the same chunks; chunks of equal score (this corpus
+    repeats texts) may come in either order, as they may within one store."""
+    assert [h.rank for h in got] == list(range(1, len(want) + 1))
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    key = [(round(h.score, 5), h.chunk_id) for h in got]
+    assert sorted(key) == sorted((round(h.score, 5), h.chunk_id) for h in want)
+
+
+def test_errors_cross_process_boundaries_intact() -> None:
+    """A worker's typed error reaches the driver as itself (Ray pickles it in transit)."""
+    import pickle
+
+    from intrinsic_retrieval.distributed import PartFailedError
+    from intrinsic_retrieval.errors import DuplicateIdError, StoreCorruptedError
+
+    for err in (
+        ModelMismatchError("p", "a" * 20, "b" * 20),
+        DuplicateIdError(["x"], where="batch"),
+        StoreCorruptedError("f", "bad"),
+        PartFailedError({"part-00000": "boom"}),
+        InvalidInputError("plain"),
+    ):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+
+
+def test_distributed_search_equals_single_store(models, ray_cluster, tmp_path: Path) -> None:
+    opts = _options("dense", models)
+    single = _single("dense", models, tmp_path / "single")
+    index_distributed("dense", DOCS, tmp_path / "idx", options=opts, parts=2, combine_parts=False)
+    d = DistributedRetriever(parts_dir(tmp_path / "idx"), cpus_per_part=0.5)
+    try:
+        assert len(d) == len(single)
+        queries = ["protein gene", "fox dog planet", "insulin blood risk"]
+        for flt in (None, {"tier": 1}):
+            got = d.search_batch(queries, k=7, filter=flt)
+            want = single.search_batch(queries, k=7, filter=flt)
+            for g, w in zip(got, want, strict=True):
+                _same_hits(g, w)
+        assert d.delete(["d3"]) == single.delete(["d3"])
+        assert "d3" not in {h.document_id for h in d.search("protein gene", k=23)}
+        with pytest.raises(InvalidInputError):
+            d.search("", k=3)
+    finally:
+        d.close()
+    index_distributed("bm25", DOCS, tmp_path / "b", parts=2, combine_parts=False)
+    with pytest.raises(InvalidInputError, match="whole corpus"):
+        DistributedRetriever(parts_dir(tmp_path / "b"), cpus_per_part=0.5)
