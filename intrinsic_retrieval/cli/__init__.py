@@ -18,7 +18,8 @@ from .output import format_table, machine_info, markdown_table, print_hits
 
 EXAMPLES = {
     "index": "intrinsic-retrieval index ../shared/data/scifact --store idx --retriever dense\n"
-    "  rerun the same command after an interruption: stored documents are skipped",
+    "  rerun the same command after an interruption: stored documents are skipped\n"
+    "  on a Ray cluster: ... --ray auto --parts 8 (or --ray alone: a local cluster)",
     "fit": "intrinsic-retrieval fit --store idx --dataset ../shared/data/scifact --split train "
     "--time-limit 600\n  without --dataset/--queries: trains on queries a packaged LM writes\n"
     "  rerun the same command to continue from the last checkpoint",
@@ -66,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--limit", type=int, default=None, help="index only the first N documents")
     s.add_argument("--option", action="append", help="retriever option key=value (repeatable)")
+    s.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="encode on a Ray cluster (the `ray` extra): its address (auto, ray://host:10001), "
+        "or none to start a local one; the store must be on a filesystem every worker sees",
+    )
+    s.add_argument("--parts", type=int, default=None, help="with --ray: corpus parts (one task "
+                   "each; default: the cluster's CPUs / --cpus-per-worker)")  # fmt: skip
+    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --ray")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray")
     s.set_defaults(func=cmd_index)
 
     s = _sub(sub, "fit", "train a stored retriever that trains (resumable, with a time budget)")

@@ -22,6 +22,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     store = Path(args.store)
     options = parse_options(args.option)
     t0 = time.perf_counter()
+    if getattr(args, "ray", None) is not None:
+        return _index_on_ray(args, docs, store, options)
     if is_pipeline(store):
         # the same command resumes: stage specs reopen the stages, and stages an interrupted
         # run left behind the others catch up before the agreement check
@@ -47,6 +49,35 @@ def cmd_index(args: argparse.Namespace) -> int:
         f"indexed {len(added)} new documents ({len(docs) - len(added)} already present) into "
         f"{store} with {retriever.name}: {len(retriever)} chunks, "
         f"{time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+def _index_on_ray(
+    args: argparse.Namespace, docs: list[Any], store: Path, options: dict[str, Any]
+) -> int:
+    """`index --ray`: parts encoded by Ray tasks, then combined (rerun to resume)."""
+    from ..distributed import index_distributed
+    from ..retrievers.pipeline import is_index
+
+    if is_index(store):
+        raise InvalidInputError(
+            f"{store} is already an index; --ray builds a new one (add to it without --ray)"
+        )
+    report = index_distributed(
+        args.retriever,
+        docs,
+        store,
+        options=options,
+        parts=args.parts,
+        address=None if args.ray == "local" else args.ray,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+    )
+    print(
+        f"indexed {report.documents} documents into {store} with {args.retriever} on Ray: "
+        f"{report.parts} parts ({report.parts_done_before} done before), {report.chunks} "
+        f"chunks, {report.seconds:.1f}s"
     )
     return 0
 

@@ -10,6 +10,7 @@ local cluster, NFS or another shared mount): the workers write their parts there
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -116,13 +117,19 @@ def _row_offsets(
     from ..retrievers import create_retriever, retriever_class
 
     offsets = [0] * len(ranges)
-    if not retriever_class(retriever).row_offset_matters:
+    cls = retriever_class(retriever)
+    if not cls.row_offset_matters:
         return offsets
-    r = create_retriever(retriever, **{"show_progress": False, **options})
-    try:
-        counts = [sum(len(r.chunker.split(d)) for d in part) for part in ranges]
-    finally:
-        r.close()
+    default = inspect.signature(cls).parameters.get("chunk_size")
+    chunk_size = options.get("chunk_size", default.default if default is not None else None)
+    if chunk_size is None:  # whole documents: one row each, no tokenizer needed
+        counts = [len(part) for part in ranges]
+    else:
+        r = create_retriever(retriever, **{"show_progress": False, **options})
+        try:
+            counts = [sum(len(r.chunker.split(d)) for d in part) for part in ranges]
+        finally:
+            r.close()
     for i in range(1, len(ranges)):
         offsets[i] = offsets[i - 1] + counts[i - 1]
     return offsets

@@ -3,10 +3,17 @@
 Each part is opened by one actor (`load_retriever`, on whatever node Ray places it); a query fans
 out to all of them and their top-k lists are merged by score. That equals the single store's
 top-k exactly when a chunk's score depends only on the query and the chunk
-(`StoreRetriever.local_scores`: dense retrieval). BM25 (IDF and mean length are corpus
-statistics), INTRA (its decoder reads the corpus-wide C0) and in-context retrieval (the query
-attends to every block at once) are refused: merging their per-part lists would rank by
-something other than what one store computes (docs/scale-out.md says what exact versions need).
+(`StoreRetriever.local_scores`: dense retrieval), or on the query, the chunk and corpus
+statistics that the parts can sum (`StoreRetriever.shares_statistics`: BM25's document
+frequencies, row count and mean length are gathered from every part first, then every part
+scores with the sums). INTRA's full pass reads a context C0 drawn from the whole corpus, so it
+runs in phases (`distributed_scoring() == "context"`): every part proposes its encoder-stage
+top-k0, the merged top-k0 is C0, its stored token states are gathered from the parts that hold
+them, one decoder pass (on the first part's actor) folds the query over them, and every part
+scores its chunks with the folded queries. In-context retrieval (the query attends to every block
+at once; the attention of one layer feeds the next) is refused: merging per-part lists would rank
+by something other than what one store computes (docs/scale-out.md says what an exact version
+needs).
 """
 
 from __future__ import annotations
@@ -37,15 +44,39 @@ class _PartServer:
 
     def info(self) -> dict[str, Any]:
         r = self.retriever
-        return {
+        info = {
             "name": r.name,
-            "local": bool(getattr(r, "local_scores", False)),
+            "scoring": r.distributed_scoring(),
             "fingerprint": r.fingerprint,
-            "chunks": len(r),
+            "init": r.init_args(),
         }
+        if info["scoring"] == "context":
+            info["head"] = r.head_digest()
+            info["k0"] = int(r.k0)
+        return info
 
-    def search_batch(self, queries: list[str], k: int, filter: Filter | None) -> list[list[Hit]]:
-        return self.retriever.search_batch(queries, k=k, filter=filter)
+    def context(self, queries: list[str], k0: int, filter: Filter | None) -> list[list[Hit]]:
+        with self.retriever.using(mode="encoder"):
+            return self.retriever.search_batch(queries, k=k0, filter=filter)
+
+    def context_states(self, chunk_ids: list[str]) -> list[Any]:
+        return self.retriever.context_states(chunk_ids)
+
+    def fold_query(self, query: str, states: list[Any]) -> Any:
+        return self.retriever.fold_query(query, states)
+
+    def search_folded(
+        self, folded: Any, k: int, filter: Filter | None, context_ids: list[str]
+    ) -> list[Hit]:
+        return self.retriever.search_folded(folded, k, filter, context_ids)
+
+    def corpus_statistics(self, queries: list[str]) -> dict[str, Any]:
+        return self.retriever.corpus_statistics(queries)
+
+    def search_batch(
+        self, queries: list[str], k: int, filter: Filter | None, statistics: Any = None
+    ) -> list[list[Hit]]:
+        return self.retriever.search_batch(queries, k=k, filter=filter, statistics=statistics)
 
     def delete(self, ids: list[str]) -> int:
         return self.retriever.delete(ids)
@@ -113,15 +144,29 @@ class DistributedRetriever:
                 raise ModelMismatchError(
                     path, expected=first["fingerprint"], found=info["fingerprint"]
                 )
-            if not info["local"]:
+            if info["init"] != first["init"]:
+                self.close()
+                raise PartsError(
+                    f"part {path} was built with other options than {self.paths[0]}; parts "
+                    "must share every index option"
+                )
+            if info.get("head") != first.get("head"):
+                self.close()
+                raise PartsError(
+                    f"part {path} scores with another INTRA retrieval head than "
+                    f"{self.paths[0]}; load the same head into every part (load_head, save)"
+                )
+            if info["scoring"] == "none":
                 self.close()
                 raise InvalidInputError(
-                    f"{info['name']} scores depend on the whole corpus (corpus statistics or "
-                    f"attention across chunks), so merging per-part top-k lists would not give "
-                    f"the single store's ranking; combine the parts into one store instead "
-                    f"(intrinsic_retrieval.distributed.combine)"
+                    f"{info['name']} scores depend on the whole corpus through more than "
+                    f"shareable statistics (attention across chunks), so merging per-part top-k "
+                    f"lists would not give the single store's ranking; combine the parts into "
+                    f"one store instead (intrinsic_retrieval.distributed.combine)"
                 )
         self.retriever = first["name"]
+        self.scoring = first["scoring"]
+        self.k0 = int(first.get("k0", 0))
 
     def search(self, query: str, k: int = 10, filter: Filter | None = None) -> list[Hit]:
         return self.search_batch([query], k=k, filter=filter)[0]
@@ -132,9 +177,49 @@ class DistributedRetriever:
         queries, k = check_queries(queries, k)
         if not queries:
             return []
-        refs = [a.search_batch.remote(list(queries), k, filter) for a in self._actors]
+        if self.scoring == "context":
+            return self._search_in_context(list(queries), k, filter)
+        stats = None
+        if self.scoring == "statistics":  # first the corpus statistics, summed over every part
+            from ..retrievers import retriever_class
+
+            parts = self._ray.get([a.corpus_statistics.remote(list(queries)) for a in self._actors])
+            stats = retriever_class(self.retriever).merge_statistics(parts)
+        refs = [a.search_batch.remote(list(queries), k, filter, stats) for a in self._actors]
         per_part = self._ray.get(refs)  # [part][query] -> hits
         return [merge_top_k([p[i] for p in per_part], k) for i in range(len(queries))]
+
+    def _search_in_context(
+        self, queries: list[str], k: int, filter: Filter | None
+    ) -> list[list[Hit]]:
+        """INTRA's phases over the parts (module docstring)."""
+        ray, actors = self._ray, self._actors
+        proposals = ray.get([a.context.remote(queries, self.k0, filter) for a in actors])
+        contexts = []  # per query: [(part, chunk id)] in C0 order
+        for i in range(len(queries)):
+            pool = [
+                (h.score, p, h.rank, h.chunk_id)
+                for p, hits in enumerate(proposals)
+                for h in hits[i]
+            ]
+            pool.sort(key=lambda x: (-x[0], x[1], x[2]))
+            contexts.append([(p, c) for _, p, _, c in pool[: self.k0]])
+        wanted = [
+            sorted({c for ctx in contexts for p, c in ctx if p == j}) for j in range(len(actors))
+        ]
+        fetched = ray.get([a.context_states.remote(w) for a, w in zip(actors, wanted, strict=True)])
+        states = {}
+        for ids, got in zip(wanted, fetched, strict=True):
+            states.update(zip(ids, got, strict=True))
+        folds = [
+            actors[0].fold_query.remote(q, [states[c] for _, c in ctx])
+            for q, ctx in zip(queries, contexts, strict=True)
+        ]
+        refs = [
+            [a.search_folded.remote(f, k, filter, [c for _, c in ctx]) for a in actors]
+            for f, ctx in zip(folds, contexts, strict=True)
+        ]
+        return [merge_top_k(ray.get(r), k) for r in refs]
 
     def add(self, documents: Iterable[DocumentLike], *, on_duplicate: str = "error") -> list[str]:
         from ..types import as_documents

@@ -518,8 +518,16 @@ class StoreRetriever(abc.ABC):
         return self.search_batch([query], k=k, filter=filter)[0]
 
     def search_batch(
-        self, queries: Sequence[str], k: int = 10, filter: Filter | None = None
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        filter: Filter | None = None,
+        *,
+        statistics: Mapping[str, Any] | None = None,
     ) -> list[list[Hit]]:
+        """Top-`k` hits per query. `statistics` (retrievers whose scores use corpus statistics,
+        as BM25's IDF): score as if the corpus were the one these statistics describe, the sum of
+        every store part's `corpus_statistics` (distributed search over parts)."""
         queries, k = check_queries(queries, k, self.check_query)
         if not queries:
             return []
@@ -528,8 +536,43 @@ class StoreRetriever(abc.ABC):
         if n == 0:
             return [[] for _ in queries]
         with self.lock:
-            ranked = self._score(queries, candidates, min(k, n))
+            if statistics is None:
+                ranked = self._score(queries, candidates, min(k, n))
+            else:
+                ranked = self._score_with(queries, candidates, min(k, n), statistics)
         return [self._hits(rows, scores, candidates) for rows, scores in ranked]
+
+    #: the retriever scores with corpus statistics that store parts can share
+    #: (`corpus_statistics`, `merge_statistics`, ``search_batch(statistics=...)``)
+    shares_statistics: ClassVar[bool] = False
+
+    def distributed_scoring(self) -> str:
+        """How searches of store parts combine into this store's ranking
+        (`intrinsic_retrieval.distributed.DistributedRetriever`): "local" (merge the parts'
+        top-k), "statistics" (sum the parts' corpus statistics first), "context" (INTRA: a
+        context gathered from every part conditions one query pass) or "none" (not mergeable)."""
+        if self.local_scores:
+            return "local"
+        return "statistics" if self.shares_statistics else "none"
+
+    def corpus_statistics(self, queries: Sequence[str]) -> dict[str, Any]:
+        """This store's share of the corpus statistics `queries` are scored with (JSON-able;
+        summed over store parts by `merge_statistics`)."""
+        raise InvalidInputError(f"{self.name} scores use no corpus statistics")
+
+    @classmethod
+    def merge_statistics(cls, parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The statistics of a corpus made of the parts whose `corpus_statistics` are given."""
+        raise InvalidInputError(f"{cls.name} scores use no corpus statistics")
+
+    def _score_with(
+        self,
+        queries: Sequence[str],
+        candidates: torch.Tensor,
+        k: int,
+        statistics: Mapping[str, Any],
+    ) -> list[Ranked]:
+        raise InvalidInputError(f"{self.name} scores use no corpus statistics")
 
     def rerank(
         self,

@@ -3,6 +3,12 @@
 The store keeps each chunk's analysed terms as 64-bit hashes (a varlen int64 tensor), so it is
 append-only with no vocabulary to rewrite; the bm25s index is rebuilt from them at open and after
 changes, which takes well under a second for corpora of SciFact's size.
+
+Store parts searched as one corpus (`intrinsic_retrieval.distributed`) share their statistics:
+each part reports its row count, total length and the document frequencies of the query terms
+(`corpus_statistics`), the sums go back to every part, and each scores its rows with them
+(`search_batch(statistics=...)`) through bm25s's own IDF and term-frequency formulas, from a
+term-frequency matrix of its rows. The merged top-k is then the single store's.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ from typing import Any
 
 import bm25s
 import numpy as np
+import scipy.sparse as sp
 import torch
+from bm25s.scoring import _select_idf_scorer, _select_tfc_scorer
 
+from ..errors import InvalidInputError
 from ..store import TensorSpec
 from ..types import Chunk
 from .base import Ranked, StoreRetriever
@@ -30,6 +39,10 @@ class BM25Retriever(StoreRetriever):
     """
 
     name = "bm25"
+    shares_statistics = True
+    #: variants scored from shared statistics (BM25L and BM25+ add a per-term non-occurrence
+    #: score that bm25s folds into its index; not supported there)
+    STATISTICS_METHODS = ("lucene", "robertson", "atire")
 
     def __init__(
         self,
@@ -54,6 +67,7 @@ class BM25Retriever(StoreRetriever):
             self._stemmer = Stemmer.Stemmer(stemmer)
         self._hash_cache: dict[str, int] = {}
         self._bm25: bm25s.BM25 | None = None
+        self._tf: tuple[sp.csc_matrix, np.ndarray, np.ndarray] | None = None
         self._dirty = True
         super().__init__(
             path=path,
@@ -109,9 +123,11 @@ class BM25Retriever(StoreRetriever):
 
     def _on_open(self) -> None:
         self._dirty = True
+        self._tf = None
 
     def _on_rows_added(self, rows: range, tensors: Mapping[str, Any]) -> None:
         self._dirty = True
+        self._tf = None
 
     def _rebuild(self) -> None:
         """Index every stored row (tombstones are masked at query time, not removed, so IDF
@@ -128,6 +144,88 @@ class BM25Retriever(StoreRetriever):
         bm25.index(corpus, show_progress=False)
         self._bm25 = bm25
         self._dirty = False
+
+    def _term_matrix(self) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
+        """(rows x terms term frequencies, the sorted term hashes naming its columns, row
+        lengths) of every stored row, tombstones included as in the bm25s index."""
+        if self._tf is None:
+            n = self.store.num_rows
+            flat, offsets = self.store.varlen_all("terms") if n else (torch.zeros(0), None)
+            hashes = flat.numpy().astype(np.int64)
+            lengths = np.diff(offsets.numpy()) if offsets is not None else np.zeros(0, np.int64)
+            vocab, cols = np.unique(hashes, return_inverse=True)
+            rows = np.repeat(np.arange(n), lengths)
+            tf = sp.csc_matrix(
+                (np.ones(len(hashes), np.float32), (rows, cols)), shape=(n, len(vocab))
+            )
+            tf.sum_duplicates()
+            self._tf = (tf, vocab, lengths.astype(np.float32))
+        return self._tf
+
+    def _hashes(self, query: str) -> list[int]:
+        return [self._hash(t) for t in self._analyse([query])[0]]
+
+    def corpus_statistics(self, queries: Sequence[str]) -> dict[str, Any]:
+        """Rows, total length and each query term's document frequency in this store."""
+        tf, vocab, lengths = self._term_matrix()
+        terms = sorted({h for q in queries for h in self._hashes(q)})
+        pos = np.searchsorted(vocab, terms)
+        df = {}
+        for h, i in zip(terms, pos.tolist(), strict=True):
+            found = i < len(vocab) and vocab[i] == h
+            df[str(h)] = int(tf.indptr[i + 1] - tf.indptr[i]) if found else 0
+        return {"rows": int(tf.shape[0]), "tokens": float(lengths.sum()), "df": df}
+
+    @classmethod
+    def merge_statistics(cls, parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        df: dict[str, int] = {}
+        for p in parts:
+            for h, n in p["df"].items():
+                df[h] = df.get(h, 0) + int(n)
+        rows = sum(int(p["rows"]) for p in parts)
+        return {"rows": rows, "tokens": sum(float(p["tokens"]) for p in parts), "df": df}
+
+    def _score_with(
+        self,
+        queries: Sequence[str],
+        candidates: torch.Tensor,
+        k: int,
+        statistics: Mapping[str, Any],
+    ) -> list[Ranked]:
+        if self.method not in self.STATISTICS_METHODS:
+            raise InvalidInputError(
+                f"BM25 method {self.method!r} cannot be scored from shared statistics; use one "
+                f"of {self.STATISTICS_METHODS}"
+            )
+        tf, vocab, lengths = self._term_matrix()
+        n_all, l_avg = (
+            int(statistics["rows"]),
+            float(statistics["tokens"]) / max(1, int(statistics["rows"])),
+        )
+        idf_fn, tfc_fn = _select_idf_scorer(self.method), _select_tfc_scorer(self.method)
+        mask = torch.from_numpy(candidates.numpy())
+        out: list[Ranked] = []
+        for q in queries:
+            scores = np.zeros(tf.shape[0], dtype=np.float32)
+            for h in self._hashes(q):
+                i = int(np.searchsorted(vocab, h))
+                if i >= len(vocab) or vocab[i] != h:
+                    continue
+                df = int(statistics["df"].get(str(h), 0))
+                if df == 0:
+                    raise InvalidInputError(
+                        "the statistics give no document frequency for a term this store "
+                        "holds: they were not computed for these queries or this corpus"
+                    )
+                rows = tf.indices[tf.indptr[i] : tf.indptr[i + 1]]
+                freqs = tf.data[tf.indptr[i] : tf.indptr[i + 1]]
+                idf = np.float32(idf_fn(df, n_all))
+                tfc = tfc_fn(freqs, lengths[rows], l_avg, self.k1, self.b)
+                scores[rows] += (idf * tfc).astype(np.float32)
+            t = torch.from_numpy(scores).masked_fill(~mask, float("-inf"))
+            top = torch.topk(t, k)
+            out.append((top.indices, top.values))
+        return out
 
     def _query_terms(self, query: str) -> list[str]:
         assert self._bm25 is not None

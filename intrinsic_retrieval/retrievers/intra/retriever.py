@@ -46,9 +46,10 @@ from ...models.architectures import (
     load_encoder_decoder,
 )
 from ...models.quant import dequantize_int8, quantize_int8
+from ...protocol import Filter
 from ...store import TensorSpec
 from ...training import FitReport
-from ...types import Chunk
+from ...types import Chunk, Hit
 from ..base import MODEL_LIMIT, Ranked, StoreRetriever
 from ..options import SearchOptions, check_choice, check_int
 from .head import AUX_NAME, RetrievalHead
@@ -529,17 +530,29 @@ class IntraRetriever(StoreRetriever):
         return next(self.model.parameters()).dtype
 
     def retrieval_pass(
-        self, query: str, c0_rows: Sequence[int], head: RetrievalHead | None = None
+        self,
+        query: str,
+        c0_rows: Sequence[int],
+        head: RetrievalHead | None = None,
+        *,
+        c0_states: Sequence[torch.Tensor] | None = None,
     ) -> Folded:
         """One decoder pass over C0; returns the retrieval tokens' folded queries (with grad
-        to the head's tokens when they require it)."""
+        to the head's tokens when they require it). `c0_states` gives C0's stored token states
+        instead of rows of this store (a C0 gathered from several store parts)."""
         head = head or self.head
         assert head is not None
         prefix = self.decoder_prefix(query).to(self.device)
         emb = self.arch.decoder_embeddings()(prefix[None])
         tokens = head.tokens.to(device=self.device, dtype=emb.dtype)[None]
         inputs = torch.cat([emb, tokens], 1)
-        memory, mask, null = self.memory_for(c0_rows)
+        if c0_states is not None and len(c0_states):
+            mem = torch.cat([s.to(self.device) for s in c0_states], 0)
+            memory = mem.to(dtype=self.model_dtype())[None]
+            mask = torch.ones(memory.shape[:2], dtype=torch.long, device=self.device)
+            null = False
+        else:
+            memory, mask, null = self.memory_for([] if c0_states is not None else c0_rows)
         positions = slice(-head.m, None) if self.query_positions == "retrieval" else slice(1, None)
         with (
             head.query_lora(self.query_projs()),
@@ -601,6 +614,51 @@ class IntraRetriever(StoreRetriever):
             hit = hit[torch.topk(approx[hit], self.ann_rerank).indices]
         mask[hit] = True
         return mask
+
+    # ------------------------------------------------------------------ store parts
+    def distributed_scoring(self) -> str:
+        """The encoder stage alone is local; the full pass reads a C0 drawn from every part."""
+        return "local" if self.mode == "encoder" else "context"
+
+    def head_digest(self) -> str:
+        """The retrieval head's parameters, hashed: store parts must score with the same one."""
+        assert self.head is not None
+        h = hashlib.sha256()
+        for name, t in sorted(self.head.state().items()):
+            h.update(name.encode())
+            h.update(t.float().numpy().tobytes())
+        return h.hexdigest()
+
+    def context_states(self, chunk_ids: Sequence[str]) -> list[torch.Tensor]:
+        """Stored token states of chunks of this store, by id (C0 members for another part's
+        query pass)."""
+        return self.stored_states([self.store.row_of(c) for c in chunk_ids])
+
+    def fold_query(self, query: str, c0_states: Sequence[torch.Tensor]) -> Folded:
+        """The full pass's folded queries for a C0 given as stored token states, in C0 order."""
+        self.check_length(query)
+        with torch.no_grad():
+            return self.retrieval_pass(query, [], c0_states=c0_states)
+
+    def search_folded(
+        self,
+        folded: Folded,
+        k: int,
+        filter: Filter | None = None,
+        context_ids: Sequence[str] = (),
+    ) -> list[Hit]:
+        """This store's top-`k` for folded queries made elsewhere (`fold_query`); `context_ids`
+        are C0's chunk ids (those stored here help FAISS candidates, as in `_score`)."""
+        candidates = self.store.candidate_mask(filter)
+        n = int(candidates.sum())
+        if n == 0:
+            return []
+        here = self.store.existing_chunk_ids(context_ids)
+        mine = [self.store.row_of(c) for c in context_ids if c in here]
+        c0 = torch.tensor(mine, dtype=torch.long)
+        with self.lock:
+            rows, scores = self.score_folded(folded, candidates, min(k, n), c0)
+        return self._hits(rows, scores, candidates)
 
     # ------------------------------------------------------------------ scoring
     def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
