@@ -380,6 +380,13 @@ def test_distributed_search_equals_single_store(
             want = single.search_batch(queries, k=7, filter=flt)
             for g, w in zip(got, want, strict=True):
                 _same_hits(g, w)
+        if kind == "dense":  # saved parts reopen as the same distributed index
+            d.save(tmp_path / "saved")
+            again = DistributedRetriever.load(tmp_path / "saved", cpus_per_part=0.5)
+            try:
+                _same_hits(again.search("protein gene", k=5), d.search("protein gene", k=5))
+            finally:
+                again.close()
         assert d.delete(["d3"]) == single.delete(["d3"])
         assert "d3" not in {h.document_id for h in d.search("protein gene", k=23)}
         with pytest.raises(InvalidInputError):

@@ -27,7 +27,7 @@ from ..errors import InvalidInputError, ModelMismatchError
 from ..protocol import Filter, check_queries
 from ..types import DocumentLike, Hit
 from .indexing import connect
-from .parts import PartsError, part_paths
+from .parts import PartsError, part_name, part_paths
 
 
 class _PartServer:
@@ -248,12 +248,7 @@ class DistributedRetriever:
         """Copy every part to ``path/part-NNNNN`` (each part atomically)."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        self._ray.get(
-            [
-                a.save.remote(str(root / p.name))
-                for a, p in zip(self._actors, self.paths, strict=True)
-            ]
-        )
+        self._ray.get([a.save.remote(str(root / part_name(i))) for i, a in enumerate(self._actors)])
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Self:
