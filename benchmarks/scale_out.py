@@ -9,9 +9,11 @@ each worker's model load and the combine step; the Ray cluster is started once, 
 (its start-up is reported apart). Every combined store is checked row for row against the
 single-process one (ids and texts; tensors to 2e-3). Search: `--queries` test queries,
 `search_batch` on the single store and on a `DistributedRetriever` over the 2 parts (merged
-top-10 checked equal to the single store's).
+top-10 checked equal to the single store's; INTRA through its C0 phases, in-context not
+searchable as parts). The plan table scales this run's bytes per chunk and encoding rates to 1M
+and 10M chunks. INTRA and in-context run on Gemma 3 270M (their defaults; `make models`).
 
-    python benchmarks/scale_out.py --docs 400 --incontext-docs 60 \\
+    python benchmarks/scale_out.py --docs 400 --intra-docs 60 --incontext-docs 60 \\
         --out benchmarks/results/scale_out.json
 """
 
@@ -56,6 +58,14 @@ def _same_rows(a: Path, b: Path) -> bool:
     return True
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    raise AssertionError
+
+
 def _same_top(got: list[Any], want: list[Any]) -> bool:
     """Same scores rank by rank (1e-4) and the same chunks wherever the score is not tied
     (BM25's zero-score tail, chunks with no query term, comes in any order)."""
@@ -74,8 +84,9 @@ def _same_top(got: list[Any], want: list[Any]) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "scifact"))
-    ap.add_argument("--retrievers", default="bm25,dense,incontext")
+    ap.add_argument("--retrievers", default="bm25,dense,intra,incontext")
     ap.add_argument("--docs", type=int, default=400)
+    ap.add_argument("--intra-docs", type=int, default=60)
     ap.add_argument("--incontext-docs", type=int, default=60)
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
@@ -104,26 +115,37 @@ def main() -> None:
     options = {
         "bm25": {},
         "dense": {},
+        "intra": {},
         "incontext": {"max_doc_tokens": 300, "chunk_size": None},
     }
+    sizes = {"intra": args.intra_docs, "incontext": args.incontext_docs}
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scale-out-"))
     t0 = time.perf_counter()
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t0
 
     index_rows: list[list[Any]] = []
+    plan_rows: list[list[Any]] = []
     search_rows: list[list[Any]] = []
     for name in args.retrievers.split(","):
-        n = args.incontext_docs if name == "incontext" else args.docs
+        n = sizes.get(name, args.docs)
         docs = [by_id[i] for i in ids[:n]]
         opts = options[name]
         single_path = work / f"{name}-single"
         t = time.perf_counter()
         r = create_retriever(name, path=str(single_path), show_progress=False, **opts)
         load_s = time.perf_counter() - t
+        t_add = time.perf_counter()
         r.add(docs)
+        encode_s = time.perf_counter() - t_add
         single_s = time.perf_counter() - t
         chunks = len(r)
+        per_chunk = r.store.nbytes() / max(1, r.store.num_rows)
+        rate = chunks / encode_s  # chunks/s of one process on all threads, model loaded
+        plan_rows.append([
+            name, _human(per_chunk), _human(per_chunk * 1e6), _human(per_chunk * 1e7),
+            round(rate, 2), round(1e6 / rate / 3600, 1), round(1e7 / rate / 3600 / 64, 1),
+        ])  # fmt: skip
         index_rows.append([name, n, chunks, "1 process", args.threads, round(single_s, 1),
                            round(n / single_s, 2), 1.0, "-"])  # fmt: skip
         print(index_rows[-1], f"(model load {load_s:.1f}s)", flush=True)
@@ -144,7 +166,10 @@ def main() -> None:
             continue  # attention over every block at once: not searchable as parts
         index_distributed(name, docs, work / f"{name}-parts", options=opts, parts=2,
                           combine_parts=False, cpus_per_worker=args.threads / 2)  # fmt: skip
-        d = DistributedRetriever(parts_dir(work / f"{name}-parts"), cpus_per_part=args.threads / 2)
+        d = DistributedRetriever(
+            parts_dir(work / f"{name}-parts"),
+            cpus_per_part=args.threads / 2,
+        )
         t = time.perf_counter()
         want = r.search_batch(queries, k=10)
         one_s = time.perf_counter() - t
@@ -186,6 +211,26 @@ def main() -> None:
                         f"{args.incontext_docs} of them (Gemma 3 270M, 300-token blocks).",
                         "Ray times include each worker's model load and the combine; the local "
                         f"cluster started once before ({ray_start:.1f} s, not counted).",
+                    ],
+                },
+                {
+                    "title": "Plan for 1M and 10M chunks, from this run's stores and rates",
+                    "columns": [
+                        "retriever",
+                        "bytes / chunk",
+                        "store at 1M chunks",
+                        "store at 10M chunks",
+                        "chunks/s per 2-core worker",
+                        "hours for 1M, 1 worker",
+                        "hours for 10M, 64 workers",
+                    ],
+                    "rows": plan_rows,
+                    "notes": [
+                        "Bytes per chunk: the single-process store on disk (shards, SQLite with "
+                        "the texts, aux) over its rows; SciFact chunks (abstracts).",
+                        "Rates: add() of the single process with its model loaded (CPU, "
+                        f"{args.threads} threads); hours = chunks / rate, assuming workers scale "
+                        "linearly (each encodes its own part; the combine copies bytes).",
                     ],
                 },
                 {

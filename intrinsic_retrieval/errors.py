@@ -3,22 +3,33 @@ precisely and messages can name the offending file, id or dimension."""
 
 from __future__ import annotations
 
+import functools
+
 
 class RetrievalError(Exception):
     """Base class of every error this library raises on purpose.
 
     Errors cross process boundaries intact (a Ray worker's `ModelMismatchError` reaches the
-    driver as itself): the constructor's arguments are kept and rebuild the error when it is
-    unpickled, which `Exception`'s default (message only) cannot do for the subclasses that
-    take other arguments."""
+    driver as itself): the arguments of the outermost constructor call are kept and rebuild the
+    error when it is unpickled, which `Exception`'s default (message only) cannot do for the
+    subclasses that take other arguments."""
 
-    def __new__(cls, *args: object, **kwargs: object) -> RetrievalError:
-        self = super().__new__(cls, *args)
-        self._init_args = (args, kwargs)
-        return self
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording_init(self: RetrievalError, *args: object, **kw: object) -> None:
+            if "_init_args" not in self.__dict__:  # the outermost call: the one to replay
+                self._init_args = (args, kw)
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
 
     def __reduce__(self) -> tuple[object, ...]:
-        args, kwargs = getattr(self, "_init_args", (self.args, {}))
+        args, kwargs = self.__dict__.get("_init_args", (self.args, {}))
         return (_rebuild_error, (type(self), args, kwargs))
 
 

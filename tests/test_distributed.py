@@ -167,7 +167,7 @@ def test_combine_refusals_and_atomicity(models, tmp_path: Path, monkeypatch) -> 
 
     original = parts_mod._copy_rows
     monkeypatch.setattr(parts_mod, "_copy_rows", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PartsError, match="disk full"):
         combine(parts, tmp_path / "c3")
     monkeypatch.undo()
     assert not (tmp_path / "c3").exists()
@@ -261,7 +261,7 @@ def test_ray_indexing_resumes_and_refuses(models, ray_cluster, tmp_path: Path) -
     half = create_retriever("dense", path=str(root / "part-00001"), show_progress=False, **opts)
     half.add(DOCS[12:17])
     half.close()
-    report = index_distributed("dense", DOCS, dest, options=opts, parts=2)
+    report = index_distributed("dense", DOCS, dest, options=opts)  # parts: from the plan
     assert report.parts_done_before == 1
     _single("dense", models, tmp_path / "single").close()
     assert_same_rows(tmp_path / "single", dest)
@@ -302,17 +302,28 @@ def test_errors_cross_process_boundaries_intact() -> None:
     import pickle
 
     from intrinsic_retrieval.distributed import PartFailedError
-    from intrinsic_retrieval.errors import DuplicateIdError, StoreCorruptedError
+    from intrinsic_retrieval.errors import (
+        DuplicateIdError,
+        StageMismatchError,
+        StoreCorruptedError,
+        StorePermissionError,
+        UnknownIdError,
+    )
 
     for err in (
         ModelMismatchError("p", "a" * 20, "b" * 20),
         DuplicateIdError(["x"], where="batch"),
         StoreCorruptedError("f", "bad"),
+        StorePermissionError("/x/meta.sqlite", "read"),  # an OSError: its message is kept
+        UnknownIdError("rows not in store: [3]"),  # a KeyError
+        StageMismatchError("stages disagree", ["a"]),
         PartFailedError({"part-00000": "boom"}),
         InvalidInputError("plain"),
     ):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err)
+        assert vars(back) == vars(err)
+    assert "permission denied" in str(StorePermissionError("/x", "read"))
 
 
 def test_bm25_scores_from_shared_statistics_equal_its_own(tmp_path: Path) -> None:
@@ -331,6 +342,7 @@ def test_bm25_scores_from_shared_statistics_equal_its_own(tmp_path: Path) -> Non
             strict=True,
         ):
             _same_hits(g, w)
+            assert [h.score for h in g] == [h.score for h in w]  # bm25s's arithmetic, bit for bit
     parts = [
         load_retriever(p, show_progress=False)
         for p in _parts_by_hand("bm25", {}, tmp_path / "parts", 3)
@@ -348,6 +360,33 @@ def test_bm25_scores_from_shared_statistics_equal_its_own(tmp_path: Path) -> Non
     l_store.add(DOCS[:4])
     with pytest.raises(InvalidInputError, match="bm25l"):
         l_store.search_batch(["protein"], k=2, statistics=l_store.corpus_statistics(["protein"]))
+
+
+def test_refused_before_any_work(models, tmp_path: Path) -> None:
+    """What cannot be built in parts, or has nowhere to go, is refused before Ray starts."""
+    for name in ("generative", "rerank"):
+        with pytest.raises(InvalidInputError, match="in parts"):
+            index_distributed(name, DOCS, tmp_path / name)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(PartsError, match="not an index"):
+        index_distributed("bm25", DOCS, tmp_path / "taken")
+    assert not parts_dir(tmp_path / "taken").exists()
+
+
+def test_combine_refuses_in_context_parts_that_repeat_codes(models, tmp_path: Path) -> None:
+    """Parts built without their row offsets start their codes at 0 again: refused."""
+    from intrinsic_retrieval.errors import StoreError
+
+    paths = []
+    for i, rng in enumerate(split_ranges(len(DOCS), 2)):
+        r = create_retriever("incontext", path=str(tmp_path / f"p{i}"), show_progress=False,
+                             **_options("incontext", models))  # fmt: skip
+        r.add([DOCS[j] for j in rng])  # no set_row_offset
+        r.close()
+        paths.append(tmp_path / f"p{i}")
+    with pytest.raises(StoreError, match="repeat document codes"):
+        combine(paths, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_intra_phases_reproduce_its_own_search(models, tmp_path: Path) -> None:
@@ -380,6 +419,13 @@ def test_distributed_search_equals_single_store(
             want = single.search_batch(queries, k=7, filter=flt)
             for g, w in zip(got, want, strict=True):
                 _same_hits(g, w)
+        if kind == "intra":  # C0 = {} (k0=0) needs no proposals
+            d0 = DistributedRetriever(parts_dir(tmp_path / "idx"), cpus_per_part=0.5, k0=0)
+            try:
+                with single.using(k0=0):
+                    _same_hits(d0.search("protein gene", k=5), single.search("protein gene", k=5))
+            finally:
+                d0.close()
         if kind == "dense":  # saved parts reopen as the same distributed index
             d.save(tmp_path / "saved")
             again = DistributedRetriever.load(tmp_path / "saved", cpus_per_part=0.5)
@@ -447,3 +493,70 @@ def test_row_offsets_of_whole_documents_need_no_model() -> None:
     opts = {"model": "/nonexistent", "chunk_size": None}
     assert _row_offsets("incontext", opts, ranges) == [0, 5, 12]
     assert _row_offsets("bm25", {}, ranges) == [0, 0, 0]  # nothing depends on the position
+
+
+def _kill_a_worker_mid_part(root: Path, deadline: float) -> bool:
+    """SIGKILL a Ray worker running `encode_part` once a part has committed rows but is not
+    done; False if no such moment came."""
+    import json
+    import time
+
+    import psutil
+
+    while time.monotonic() < deadline:
+        for i in range(2):
+            manifest = root / f"part-{i:05d}" / "manifest.json"
+            try:
+                rows = json.loads(manifest.read_text())["num_rows"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if rows and not (root / f"part-{i:05d}.done.json").exists():
+                for p in psutil.process_iter(["cmdline"]):
+                    if "ray::encode_part" in " ".join(p.info["cmdline"] or []):
+                        p.kill()
+                        return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_worker_killed_mid_part(retries: int, ray_cluster, tmp_path: Path) -> None:
+    """A worker SIGKILLed after some commits: with retries, Ray reruns the task, which continues
+    from the part's last commit; without, `PartFailedError` and a re-run resumes. Either way the
+    store equals the single-process one."""
+    import threading
+    import time
+
+    from intrinsic_retrieval.distributed import PartFailedError
+
+    words = WORDS * 3
+    docs = [Document(" ".join(words[(i + j) % len(words)] for j in range(12)) + f" n{i}", f"x{i}")
+            for i in range(4000)]  # fmt: skip
+    opts = {"index_batch_size": 16}
+    dest = tmp_path / "idx"
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = index_distributed(
+                "bm25", docs, dest, options=opts, parts=2, max_retries=retries
+            )
+        except Exception as exc:
+            outcome["error"] = exc
+
+    driver = threading.Thread(target=run)
+    driver.start()
+    killed = _kill_a_worker_mid_part(parts_dir(dest), time.monotonic() + 120)
+    driver.join(300)
+    assert killed, "no worker was caught mid-part"
+    if retries:
+        assert "report" in outcome, outcome.get("error")
+    else:
+        assert isinstance(outcome.get("error"), PartFailedError)
+        assert not dest.exists()
+        report = index_distributed("bm25", docs, dest, options=opts, parts=2)
+        assert report.parts_done_before <= 1
+    single = create_retriever("bm25", path=str(tmp_path / "single"), show_progress=False, **opts)
+    single.add(docs)
+    single.close()
+    assert_same_rows(tmp_path / "single", dest)

@@ -28,6 +28,7 @@ from .parts import (
     mark_done,
     part_name,
     parts_dir,
+    read_plan,
     split_ranges,
     write_plan,
 )
@@ -60,12 +61,22 @@ def require_ray() -> Any:
     return ray
 
 
+class ClusterError(RetrievalError, ConnectionError):
+    """The Ray cluster could not be reached or started."""
+
+
 def connect(address: str | None = None, **init: Any) -> Any:
     """Ray, connected: to `address` (``"auto"``, ``"ray://host:10001"``) or, when None and no
     cluster is up in this process, to a local one started here."""
     ray = require_ray()
     if not ray.is_initialized():
-        ray.init(address=address, **{"include_dashboard": False, "log_to_driver": False, **init})
+        try:
+            ray.init(
+                address=address, **{"include_dashboard": False, "log_to_driver": False, **init}
+            )
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
+            where = f"at {address!r}" if address else "locally"
+            raise ClusterError(f"cannot connect to a Ray cluster {where}: {exc}") from exc
     return ray
 
 
@@ -170,13 +181,23 @@ def index_distributed(
     from ..chunking import check_unique_ids
     from ..retrievers import retriever_class
 
-    retriever_class(retriever)  # an unknown name fails before Ray starts
+    cls = retriever_class(retriever)  # an unknown name fails before Ray starts
+    if not getattr(cls, "partitionable", False):
+        raise InvalidInputError(
+            f"{retriever} indexes cannot be built in parts (pipelines compose indexes; a "
+            "generative index is its model): index it in one process"
+        )
     check_unique_ids(d.id for d in docs)
     dest = Path(store)
     if combine_parts and (dest / "manifest.json").exists():
         raise PartsError(
             f"{dest} is already an index; open it with load_retriever or pick a new path"
         )
+    if combine_parts and dest.exists():
+        raise PartsError(f"{dest} exists and is not an index; pick a new path")
+    root = parts_dir(dest)
+    if parts is None and (root / "plan.json").exists():  # resume with the planned partition
+        parts = len(read_plan(root)["parts"])
     ray = connect(address)
     t0 = time.perf_counter()
     if parts is None:
@@ -184,7 +205,6 @@ def index_distributed(
     if parts < 1:
         raise InvalidInputError(f"parts must be >= 1, got {parts}")
     ranges = [[docs[i] for i in rng] for rng in split_ranges(len(docs), parts)]
-    root = parts_dir(dest)
     offsets = _row_offsets(retriever, options, ranges)
     specs = [
         PartSpec(i, root / part_name(i), len(part), documents_digest(part), offsets[i])

@@ -68,7 +68,7 @@ def documents_digest(docs: Sequence[Document]) -> str:
     """What a part holds, independent of how it was read: ids, texts and metadata in order."""
     h = hashlib.sha256()
     for d in docs:
-        h.update(json.dumps([d.id, d.text, dict(d.metadata)], sort_keys=True).encode())
+        h.update(json.dumps([d.id, d.text, dict(d.metadata)], sort_keys=True, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -219,6 +219,46 @@ def _copy_aux(stores: Sequence[EncodedChunkStore], dst: EncodedChunkStore) -> No
         dst.put_aux(name, {k: v.clone() for k, v in got[0].items()}, got[1])
 
 
+def _combine_into(paths: Sequence[Path], dest: Path) -> None:
+    stores = [EncodedChunkStore.open(p, read_only=True) for p in paths]
+    try:
+        check_parts_agree(stores)
+        first = stores[0]
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{dest.name}.combining-{uuid.uuid4().hex[:8]}-",
+                             dir=dest.parent)
+        )  # fmt: skip
+        try:
+            target = tmp / "store"
+            out = EncodedChunkStore.create(
+                target, fingerprint=first.fingerprint, specs=first.specs, config=first.config
+            )
+            try:
+                for s in stores:
+                    _copy_rows(s, out)
+                _copy_aux(stores, out)
+                _check_rows(out)
+            finally:
+                out.close()
+            os.rename(target, dest)
+            fsync_dir(dest.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _check_rows(store: EncodedChunkStore) -> None:
+    """The retriever's own check of the combined rows (in-context: codes unique, which parts
+    built without their row offsets would break)."""
+    from ..retrievers import retriever_class
+
+    name = store.config.get("retriever")
+    if isinstance(name, str):
+        retriever_class(name).check_combined(store)
+
+
 def combine(
     parts: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -230,9 +270,12 @@ def combine(
     `parts` is a parts directory (its plan says which parts, each must be complete) or a list of
     store paths. The combined store is built in a temporary sibling and renamed into place, so
     `dest` appears complete or not at all: a failed or killed combiner leaves no half-combined
-    store, and the parts are untouched. Two combiners of the same parts at once: the second gets
-    `ConcurrentWriteError`. Parts made by another model raise `ModelMismatchError`; another
-    configuration, a differing aux entry or an existing `dest` raise `PartsError`.
+    store, and the parts are untouched. Two combiners of the same parts, or into the same `dest`,
+    at once: the second gets `ConcurrentWriteError` (locks: the parts directory, and
+    ``.<dest>.combine`` beside `dest`). An I/O failure (disk full) is a `PartsError`. Parts
+    made by another model raise `ModelMismatchError`; another configuration, a differing aux
+    entry, rows that do not fit together (`check_combined`) or an existing `dest` raise
+    `PartsError` (or the retriever's `StoreError`).
     """
     if isinstance(parts, str | os.PathLike):
         root = Path(parts)
@@ -244,39 +287,21 @@ def combine(
             raise PartsError("no parts to combine")
         lock_root = Path(lock_dir) if lock_dir is not None else paths[0].parent
     dest = Path(dest)
-    key = store_lock.acquire(lock_root)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest_lock = dest.parent / f".{dest.name}.combine"  # combiners of the same destination
+    dest_lock.mkdir(exist_ok=True)  # kept: removing a lock file others may open races them
+    keys = [store_lock.acquire(lock_root)]
     try:
+        keys.append(store_lock.acquire(dest_lock))
         if dest.exists():
             raise PartsError(f"{dest} exists; combine into a new path (or delete it first)")
         for stale in dest.parent.glob(f".{dest.name}.combining-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # a killed combiner's leftovers
-        stores = [EncodedChunkStore.open(p, read_only=True) for p in paths]
+            shutil.rmtree(stale, ignore_errors=True)  # a killed combiner's (we hold the lock)
         try:
-            check_parts_agree(stores)
-            first = stores[0]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(
-                tempfile.mkdtemp(prefix=f".{dest.name}.combining-{uuid.uuid4().hex[:8]}-",
-                                 dir=dest.parent)
-            )  # fmt: skip
-            try:
-                target = tmp / "store"
-                out = EncodedChunkStore.create(
-                    target, fingerprint=first.fingerprint, specs=first.specs, config=first.config
-                )
-                try:
-                    for s in stores:
-                        _copy_rows(s, out)
-                    _copy_aux(stores, out)
-                finally:
-                    out.close()
-                os.rename(target, dest)
-                fsync_dir(dest.parent)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            for s in stores:
-                s.close()
+            _combine_into(paths, dest)
+        except OSError as exc:
+            raise PartsError(f"combining into {dest} failed, nothing written: {exc}") from exc
     finally:
-        store_lock.release(key)
+        for key in keys:
+            store_lock.release(key)
     return dest

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from ..errors import InvalidInputError, ModelMismatchError
+from ..errors import InvalidInputError, ModelMismatchError, RetrievalError
 from ..protocol import Filter, check_queries
 from ..types import DocumentLike, Hit
 from .indexing import connect
@@ -136,7 +136,14 @@ class DistributedRetriever:
         actor = ray.remote(_PartServer).options(num_cpus=cpus_per_part, num_gpus=gpus_per_part)
         threads = max(1, int(cpus_per_part))
         self._actors = [actor.remote(str(p), threads, dict(overrides)) for p in self.paths]
-        infos = ray.get([a.info.remote() for a in self._actors])
+        try:
+            infos = ray.get([a.info.remote() for a in self._actors])
+        except Exception as exc:  # a part that does not open: its own typed error, if any
+            self.close()
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, RetrievalError):
+                raise cause from None
+            raise PartsError(f"a part could not be opened: {exc}") from exc
         first = infos[0]
         for path, info in zip(self.paths, infos, strict=True):
             if info["fingerprint"] != first["fingerprint"]:
@@ -194,7 +201,10 @@ class DistributedRetriever:
     ) -> list[list[Hit]]:
         """INTRA's phases over the parts (module docstring)."""
         ray, actors = self._ray, self._actors
-        proposals = ray.get([a.context.remote(queries, self.k0, filter) for a in actors])
+        if self.k0 == 0:  # C0 = {}: no proposals to gather
+            proposals: list[list[list[Hit]]] = [[[] for _ in queries] for _ in actors]
+        else:
+            proposals = ray.get([a.context.remote(queries, self.k0, filter) for a in actors])
         contexts = []  # per query: [(part, chunk id)] in C0 order
         for i in range(len(queries)):
             pool = [

@@ -78,6 +78,9 @@ class StoreRetriever(abc.ABC):
     renamed_options: ClassVar[dict[str, str]] = {}
     #: this retriever's query-time options
     search_options_class: ClassVar[type[SearchOptions]] = SearchOptions
+    #: the index can be built in parts and combined (`intrinsic_retrieval.distributed`): every
+    #: row is encoded on its own, and nothing but rows (and identical aux entries) is stored
+    partitionable: ClassVar[bool] = True
     #: what a row stores depends on its position in the whole index (in-context codes): a store
     #: part must be told the rows before it (`set_row_offset`)
     row_offset_matters: ClassVar[bool] = False
@@ -381,6 +384,12 @@ class StoreRetriever(abc.ABC):
             "chunk_overlap": self.chunk_overlap,
             "index_batch_size": self.index_batch_size,
         }
+
+    @classmethod
+    def check_combined(cls, store: EncodedChunkStore) -> None:
+        """Refuse a store combined from parts whose rows do not fit together (raise a
+        `StoreError`); called before the combined store is put in place."""
+        del store  # rows encoded on their own always fit
 
     def set_row_offset(self, offset: int) -> None:
         """This store is a part of a larger index, after `offset` rows of other parts

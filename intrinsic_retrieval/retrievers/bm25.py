@@ -159,11 +159,14 @@ class BM25Retriever(StoreRetriever):
                 (np.ones(len(hashes), np.float32), (rows, cols)), shape=(n, len(vocab))
             )
             tf.sum_duplicates()
-            self._tf = (tf, vocab, lengths.astype(np.float32))
+            self._tf = (tf, vocab, lengths.astype(np.float64))
         return self._tf
 
     def _hashes(self, query: str) -> list[int]:
         return [self._hash(t) for t in self._analyse([query])[0]]
+
+    def distributed_scoring(self) -> str:
+        return "statistics" if self.method in self.STATISTICS_METHODS else "none"
 
     def corpus_statistics(self, queries: Sequence[str]) -> dict[str, Any]:
         """Rows, total length and each query term's document frequency in this store."""
@@ -198,10 +201,8 @@ class BM25Retriever(StoreRetriever):
                 f"of {self.STATISTICS_METHODS}"
             )
         tf, vocab, lengths = self._term_matrix()
-        n_all, l_avg = (
-            int(statistics["rows"]),
-            float(statistics["tokens"]) / max(1, int(statistics["rows"])),
-        )
+        n_all = int(statistics["rows"])
+        l_avg = np.float64(statistics["tokens"]) / max(1, n_all)  # float64, as bm25s
         idf_fn, tfc_fn = _select_idf_scorer(self.method), _select_tfc_scorer(self.method)
         mask = torch.from_numpy(candidates.numpy())
         out: list[Ranked] = []
@@ -219,9 +220,9 @@ class BM25Retriever(StoreRetriever):
                     )
                 rows = tf.indices[tf.indptr[i] : tf.indptr[i + 1]]
                 freqs = tf.data[tf.indptr[i] : tf.indptr[i + 1]]
-                idf = np.float32(idf_fn(df, n_all))
-                tfc = tfc_fn(freqs, lengths[rows], l_avg, self.k1, self.b)
-                scores[rows] += (idf * tfc).astype(np.float32)
+                idf = np.float32(idf_fn(df, n_all))  # bm25s keeps a float32 IDF array
+                tfc = tfc_fn(freqs, lengths[rows], l_avg, self.k1, self.b)  # float64
+                scores[rows] += (idf * tfc).astype(np.float32)  # and float32 scores
             t = torch.from_numpy(scores).masked_fill(~mask, float("-inf"))
             top = torch.topk(t, k)
             out.append((top.indices, top.values))

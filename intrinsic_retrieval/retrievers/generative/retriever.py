@@ -81,6 +81,7 @@ class GenerativeDocidRetriever(StoreRetriever):
     """
 
     name = "generative"
+    partitionable = False  # the index is the model, trained on the whole corpus
     renamed_options: ClassVar[dict[str, str]] = {"max_input_length": "max_length"}
     search_options_class = GenerativeSearchOptions
     fit_config = GenerativeFitConfig

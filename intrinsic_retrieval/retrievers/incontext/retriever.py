@@ -18,13 +18,13 @@ from typing import Any, ClassVar
 import torch
 
 from ...chunking import Spanner, tokenizer_spans
-from ...errors import InvalidInputError, ModelMismatchError
+from ...errors import InvalidInputError, ModelMismatchError, StoreError
 from ...models.architectures import decoder_only_for
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
 from ...models.query_lora import LowRankUpdate, check_low_rank
 from ...models.trie import PrefixTrie
-from ...store import TensorSpec
+from ...store import EncodedChunkStore, TensorSpec
 from ...training import FitReport
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
@@ -366,6 +366,17 @@ class InContextRetriever(StoreRetriever):
         }
 
     # ------------------------------------------------------------------ indexing
+    @classmethod
+    def check_combined(cls, store: EncodedChunkStore) -> None:
+        """Codes must stay unique across parts: a part built without `set_row_offset` starts
+        at code 0 again, and its blocks would name other documents' codes."""
+        codes = store.fixed("code")[store.live_rows()]
+        if len(torch.unique(codes)) != len(codes):
+            raise StoreError(
+                "in-context parts repeat document codes: each part must be built after "
+                "set_row_offset(rows of the parts before it) (index_distributed does this)"
+            )
+
     def set_row_offset(self, offset: int) -> None:
         """Codes of this store part start after the `offset` rows of the parts before it, as
         they would in one store built in a single pass."""
