@@ -36,6 +36,9 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(result, indent=2))
+        from intrinsic_retrieval.store.shards import user_mode
+
+        user_mode(tmp)  # mkstemp makes it 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
