@@ -298,8 +298,9 @@ def _same_hits(got: list, want: list) -> None:
 
 
 def test_errors_cross_process_boundaries_intact() -> None:
-    """A worker's typed error reaches the driver as itself (Ray pickles it in transit)."""
-    import pickle
+    """A worker's typed error reaches the driver as itself: Ray pickles it in transit, and
+    `copy.deepcopy` takes the same `__reduce__` path."""
+    import copy
 
     from intrinsic_retrieval.distributed import PartFailedError
     from intrinsic_retrieval.errors import (
@@ -320,7 +321,7 @@ def test_errors_cross_process_boundaries_intact() -> None:
         PartFailedError({"part-00000": "boom"}),
         InvalidInputError("plain"),
     ):
-        back = pickle.loads(pickle.dumps(err))
+        back = copy.deepcopy(err)
         assert type(back) is type(err) and str(back) == str(err)
         assert vars(back) == vars(err)
     assert "permission denied" in str(StorePermissionError("/x", "read"))
