@@ -94,14 +94,19 @@ class _PartServer:
         return len(self.retriever)
 
 
+def best_of_parts(per_part: Sequence[Sequence[Hit]], k: int) -> list[tuple[int, Hit]]:
+    """The best `k` of several parts' ranked hits with the part each came from, by score (ties:
+    earlier part, then rank, as one store's row order would break them)."""
+    pool = [(p, h) for p, hits in enumerate(per_part) for h in hits]
+    pool.sort(key=lambda x: (-x[1].score, x[0], x[1].rank))
+    return pool[:k]
+
+
 def merge_top_k(per_part: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
-    """The best `k` of several parts' ranked hits, by score (ties: earlier part, then rank,
-    as one store's row order would break them), re-ranked from 1."""
-    pool = [(h.score, p, h.rank, h) for p, hits in enumerate(per_part) for h in hits]
-    pool.sort(key=lambda x: (-x[0], x[1], x[2]))
+    """`best_of_parts`, re-ranked from 1."""
     return [
         Hit(h.chunk_id, h.document_id, h.text, h.score, i + 1, dict(h.metadata))
-        for i, (_, _, _, h) in enumerate(pool[:k])
+        for i, (_, h) in enumerate(best_of_parts(per_part, k))
     ]
 
 
@@ -207,13 +212,8 @@ class DistributedRetriever:
             proposals = ray.get([a.context.remote(queries, self.k0, filter) for a in actors])
         contexts = []  # per query: [(part, chunk id)] in C0 order
         for i in range(len(queries)):
-            pool = [
-                (h.score, p, h.rank, h.chunk_id)
-                for p, hits in enumerate(proposals)
-                for h in hits[i]
-            ]
-            pool.sort(key=lambda x: (-x[0], x[1], x[2]))
-            contexts.append([(p, c) for _, p, _, c in pool[: self.k0]])
+            best = best_of_parts([hits[i] for hits in proposals], self.k0)
+            contexts.append([(p, h.chunk_id) for p, h in best])
         wanted = [
             sorted({c for ctx in contexts for p, c in ctx if p == j}) for j in range(len(actors))
         ]

@@ -87,6 +87,9 @@ class StoreRetriever(abc.ABC):
     #: a chunk's score depends only on the query and that chunk (no corpus statistics, no
     #: attention across chunks), so per-part top-k lists merge into the single store's exactly
     local_scores: ClassVar[bool] = False
+    #: the retriever scores with corpus statistics that store parts can share
+    #: (`corpus_statistics`, `merge_statistics`, ``search_batch(statistics=...)``)
+    shares_statistics: ClassVar[bool] = False
     search_options: SearchOptions
 
     def __init__(
@@ -550,10 +553,6 @@ class StoreRetriever(abc.ABC):
             else:
                 ranked = self._score_with(queries, candidates, min(k, n), statistics)
         return [self._hits(rows, scores, candidates) for rows, scores in ranked]
-
-    #: the retriever scores with corpus statistics that store parts can share
-    #: (`corpus_statistics`, `merge_statistics`, ``search_batch(statistics=...)``)
-    shares_statistics: ClassVar[bool] = False
 
     def distributed_scoring(self) -> str:
         """How searches of store parts combine into this store's ranking

@@ -231,7 +231,7 @@ class BM25Retriever(StoreRetriever):
     def _query_terms(self, query: str) -> list[str]:
         assert self._bm25 is not None
         vocab = self._bm25.vocab_dict
-        terms = [format(self._hash(t) & ((1 << 64) - 1), "x") for t in self._analyse([query])[0]]
+        terms = [format(h & ((1 << 64) - 1), "x") for h in self._hashes(query)]
         return [t for t in terms if t in vocab]
 
     def _score(self, queries: Sequence[str], candidates: torch.Tensor, k: int) -> list[Ranked]:
