@@ -364,9 +364,10 @@ def measure(args: argparse.Namespace) -> None:
                 "attended, dense layers as 2 x non-embedding weights x tokens (beam search: half "
                 "the weights per decoder step plus the vocabulary projection, an estimate).",
                 "batch / singles = one search_batch of 32 queries against 32 x the median single "
-                "search; in-context batches readout queries (query_batch=16) and shares the pass "
-                "over the stored blocks; INTRA shares the encoder and the MaxSim scan, the decoder "
-                "pass stays per query; generative batches the encoder and beam search.",
+                "search; in-context packs readout queries (query_batch=16) into one row without "
+                "padding and shares the pass over the stored blocks; INTRA shares the encoder and "
+                "the MaxSim scan, the decoder pass over each query's own C0 stays per query; "
+                "generative batches the encoder and beam search (8 queries at a time).",
                 "Warm-up: one search before timing (the calibration pass over the candidates is "
                 "cached after it).",
             ],

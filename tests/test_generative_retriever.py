@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,10 +114,12 @@ def test_delete_removes_docid_from_the_trie_for_good(scheme, tmp_path):
     query=st.sampled_from([*TEXTS, "unrelated words", "42"]),
     k=st.integers(1, 8),
 )
-def test_no_invalid_or_deleted_id_is_ever_returned(scheme, deleted, group, query, k):
+def test_no_invalid_or_deleted_id_is_ever_returned(
+    scheme, deleted, group, query, k, tmp_path_factory
+):
     r = _shared(scheme)
     if deleted:  # work on a copy so the shared retriever stays intact
-        r = GenerativeDocidRetriever.load(_saved(scheme))
+        r = GenerativeDocidRetriever.load(_saved(scheme, tmp_path_factory))
         r.delete(sorted(deleted))
     flt = None if group is None else {"g": group}
     hits = r.search(query, k=k, filter=flt)
@@ -130,19 +133,18 @@ def test_no_invalid_or_deleted_id_is_ever_returned(scheme, deleted, group, query
         assert hits
 
 
-_SAVED: dict[str, str] = {}
+_SAVED: dict[str, Path] = {}
 
 
-def _saved(scheme: str) -> str:
-    import tempfile
-
-    if scheme not in _SAVED:
-        d = tempfile.mkdtemp(prefix="gen-test-")
-        _shared(scheme).save(d + "/s")
-        _SAVED[scheme] = d + "/s"
+def _saved(scheme: str, factory: pytest.TempPathFactory) -> Path:
+    """A fresh copy of the shared retriever's saved index, under pytest's own temp dirs."""
     import shutil
 
-    copy = tempfile.mkdtemp(prefix="gen-copy-") + "/s"
+    if scheme not in _SAVED:
+        saved = factory.mktemp("gen-saved") / "s"
+        _shared(scheme).save(saved)
+        _SAVED[scheme] = saved
+    copy = factory.mktemp("gen-copy") / "s"
     shutil.copytree(_SAVED[scheme], copy)
     return copy
 

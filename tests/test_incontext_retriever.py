@@ -124,6 +124,26 @@ def test_search_batch_shares_one_pass_and_equals_single_searches(
         r.configure(query_batch=0)
 
 
+def test_packed_search_batch_keeps_sliding_windows_and_positions(tmp_path: Path) -> None:
+    """Gemma 3 (sliding-window layers of 10 tokens, scalable softmax): queries packed into one
+    row see the blocks through the window from their own positions and only their own earlier
+    tokens, exactly as when searched one by one (queries longer than the window included)."""
+    model = save_causal_lm(tmp_path / "models", "gemma3", 0)
+    r = make(model, tmp_path, max_doc_tokens=20, query_batch=3, ssmax="auto")
+    r.add(DOCS)
+    queries = [
+        "fox",
+        "cancer cells protein gene study of mice and men in the blood of dogs",
+        "blood risk",
+        "dog jumps over a lazy fox near the river bank today",
+    ]
+    for q, got in zip(queries, r.search_batch(queries, k=4), strict=True):
+        one = r.search(q, k=4)
+        assert [h.chunk_id for h in got] == [h.chunk_id for h in one]
+        for a, b in zip(got, one, strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
 TOPIC_DOCS = [
     {"id": f"t{i}", "text": f"topic {w} number {i} about {w}"}
     for i, w in enumerate(["fox", "cells", "blood", "dog", "solar", "river", "jazz", "gene"])

@@ -617,19 +617,24 @@ class InContextRetriever(StoreRetriever):
 
     def _readout_batch(self, queries: Sequence[str], docs: torch.Tensor, k: int) -> list[Ranked]:
         """Readout of several queries in one pass over the stored blocks: the queries are
-        right-padded into one batch (causal attention keeps padding out of every real token)
-        and each one's readout tokens are weighted by its own row. No routing here: routed
-        sets differ per query."""
+        packed into one row without padding (`query_pass` ``segments``: each token attends to
+        its own query's tokens and to the blocks) and each one's readout tokens are weighted by
+        its own row. No routing here: routed sets differ per query."""
         parts = [self._query_ids(q) for q in queries]
-        width = max(int(ids.shape[1]) for ids, _ in parts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(parts), width), 0 if pad is None else int(pad), dtype=torch.long)
-        weights = torch.zeros(len(parts), width)
-        for i, (row, sel) in enumerate(parts):
-            ids[i, : row.shape[1]] = row[0]
-            weights[i, sel] = 1.0 / len(sel)
+        ids = torch.cat([row[0] for row, _ in parts])[None]
+        lengths = torch.tensor([int(row.shape[1]) for row, _ in parts])
+        starts = torch.cumsum(lengths, 0) - lengths
+        segments = torch.repeat_interleave(torch.arange(len(parts)), lengths)
+        weights = torch.zeros(len(parts), int(lengths.sum()))
+        for i, (_, sel) in enumerate(parts):
+            weights[i, starts[i] + sel] = 1.0 / len(sel)
         res = self._pass(
-            ids, docs, self._depth(), mass_layers=self.readout_layers, mass_tokens=weights
+            ids,
+            docs,
+            self._depth(),
+            mass_layers=self.readout_layers,
+            mass_tokens=weights,
+            segments=segments,
         )
         null = dict(self._null(docs).masses) if self.calibrate else None
         out: list[Ranked] = []
