@@ -29,7 +29,14 @@ import torch
 from ...models.architectures import DecoderOnlyArch
 from ...models.quant import dequantize_int8
 from ...models.quant import quantize_int8 as quantize_int8  # re-exported (moved to models.quant)
-from .blockattn import BatchLogits, attend_batch, doc_maxima, maxsim_scores, resolve_backend
+from .blockattn import (
+    BatchLogits,
+    attend_batch,
+    doc_maxima,
+    maxsim_scores,
+    resolve_backend,
+    token_positions,
+)
 
 if TYPE_CHECKING:
     from .kv import KVSource
@@ -275,10 +282,7 @@ def query_pass(
         ):
             raise ValueError("packed queries (segments) take one row, no cache, no routing")
         seg = segments.to(dev)
-        first = torch.ones(tq, dtype=torch.bool, device=dev)
-        first[1:] = seg[1:] != seg[:-1]
-        starts = torch.cummax(torch.where(first, qi, torch.zeros_like(qi)), 0).values
-        qi = qi - starts
+        qi = token_positions(torch.bincount(seg))  # as block tokens: from 0 in each query
     pos = (q_offset + past + qi).expand(bsz, tq)
     active = docs if docs is not None else torch.arange(len(corpus))
     h = arch.embed(input_ids.to(dev)) if hidden is None else hidden
