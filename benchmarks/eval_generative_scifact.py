@@ -51,13 +51,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "atomic",
         {"inputs": ("firstp", "daq", "synthetic"), "train_mode": "decoder_late"},
     ),
-    "atomic-labelfree-lm-decoder_late": (
-        "atomic",
-        {"inputs": ("firstp", "daq", "synthetic"), "train_mode": "decoder_late"},
-    ),
 }
-#: configs whose synthetic queries an LM writes (`--query-model`), the DSI-QG recipe
-LM_CONFIGS = {"atomic-labelfree-lm-decoder_late"}
+#: the same fits whose synthetic queries an LM writes (`--query-model`), the DSI-QG recipe
+LM_CONFIGS = {"atomic-labelfree-lm-decoder_late": "atomic-labelfree-decoder_late"}
+CONFIGS.update({lm: CONFIGS[base] for lm, base in LM_CONFIGS.items()})
 
 
 def main() -> None:
