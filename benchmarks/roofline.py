@@ -212,17 +212,32 @@ def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, in
 
 def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
     """Encoder over the query, MaxSim scan of every pooled vector (C0), decoder pass over C0,
-    Reverse-QWK scoring of every pooled vector; dense-layer FLOPs from parameter counts."""
-    live = int(r.store.live_rows().numel())
+    Reverse-QWK scoring of every pooled vector. Decoder FLOPs: its layers' weights over its own
+    tokens (start, query, m retrieval tokens), and per layer over the memory (C0's stored token
+    states): the K/V projections (memory adapter folded in) and the merged attention. The LM
+    head does not run."""
+    live_rows = r.store.live_rows()
+    live = int(live_rows.numel())
     pooled = r.pooled_vectors()
     elem = pooled.element_size()
     tq = statistics.mean(int(r.encode_states([q])[0].shape[0]) for q in queries[:5])
     enc_w = _nonembedding_params(r.arch.encoder())
-    dec_w = _nonembedding_params(r.arch.decoder())
+    decoder_module = r.arch.decoder()
+    adapters = sum(p.numel() for n, p in decoder_module.named_parameters() if "memory_proj" in n)
+    dec_w = _nonembedding_params(decoder_module) - adapters
+    cfg = r.model.config.get_text_config(decoder=True)
+    heads, layers = int(cfg.num_attention_heads), len(r.layers)
+    kv_width = int(r.layers[0].weight.shape[0])  # KV heads x head_dim
+    hd = int(r.layers[0].head_dim)
     scan = 2 * tq * live * r.p * r.dim
-    folded = len(r.layers) * r.model.config.get_text_config(decoder=True).num_attention_heads * r.m
-    c0_tokens = r.k0 * r.p  # the decoder reads C0's stored states
-    decoder = 2 * dec_w * (tq + r.m) + 4 * (tq + r.m) * c0_tokens * r.dim * len(r.layers)
+    folded = layers * heads * r.m
+    memory = r.k0 * float(r.store.varlen_lengths("states")[live_rows].float().mean())
+    td = statistics.mean(len(r.decoder_prefix(q)) for q in queries) + r.m
+    per_layer = (
+        2 * memory * int(cfg.hidden_size) * 2 * kv_width  # cross K and V projections
+        + 4 * heads * td * (td + memory) * hd  # merged attention, QK and PV
+    )
+    decoder = 2 * dec_w * td + layers * per_layer
     score = 2 * folded * live * r.p * r.dim
     rows = []
     with r.using(mode="encoder"):
@@ -366,7 +381,9 @@ def measure(args: argparse.Namespace) -> None:
                 "batch / singles = one search_batch of 32 queries against 32 x the median single "
                 "search; in-context packs readout queries (query_batch=16) into one row without "
                 "padding and shares the pass over the stored blocks; INTRA shares the encoder and "
-                "the MaxSim scan, the decoder pass over each query's own C0 stays per query; "
+                "the MaxSim scan, runs the decoder over 8 queries at a time (each over its own "
+                "C0, rows padded; each distinct C0 chunk's cross K/V projected once) and scores "
+                "8 at a time in one scan of the pooled vectors; "
                 "generative batches the encoder and beam search (8 queries at a time).",
                 "Warm-up: one search before timing (the calibration pass over the candidates is "
                 "cached after it).",

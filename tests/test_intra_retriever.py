@@ -92,11 +92,25 @@ def test_search_equals_brute_force(models: Path, tmp_path: Path, arch: str) -> N
     assert [h.score for h in hits] == pytest.approx(want_scores, rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["intra", "encoder"])
+@pytest.mark.parametrize(
+    ("arch", "mode", "positions"),
+    [
+        ("t5gemma2", "encoder", "retrieval"),
+        ("t5gemma2", "intra", "retrieval"),
+        ("t5gemma2-gemma3", "intra", "retrieval"),
+        ("t5gemma2-gemma3", "intra", "query+retrieval"),
+        ("t5", "intra", "query+retrieval"),
+        ("bart", "intra", "retrieval"),
+        ("t5gemma", "intra", "retrieval"),
+        ("bert2bert", "intra", "retrieval"),
+    ],
+)
 def test_search_batch_shares_encoder_and_scan_and_equals_single_searches(
-    models: Path, tmp_path: Path, mode: str
+    models: Path, tmp_path: Path, arch: str, mode: str, positions: str
 ) -> None:
-    r = make(models, tmp_path, "t5gemma2")
+    """Batched decoder passes (queries of different lengths right-padded, C0s of different
+    lengths padded and masked) score exactly like one query at a time."""
+    r = make(models, tmp_path, arch, query_positions=positions)
     r.add(DOCS)
     queries = ["vaccine", "river ecology of fish in the north", "solar panels", "gene"]
     with r.using(mode=mode):
@@ -106,6 +120,31 @@ def test_search_batch_shares_encoder_and_scan_and_equals_single_searches(
                 one = r.search(q, k=4, filter=flt)
                 assert [h.chunk_id for h in got] == [h.chunk_id for h in one]
                 assert [h.score for h in got] == pytest.approx([h.score for h in one], abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["t5gemma2", "t5gemma2-gemma3"])
+def test_precomputed_cross_kv_equal_the_models_own_forward(
+    models: Path, tmp_path: Path, arch: str
+) -> None:
+    """T5Gemma2's retrieval pass gets its cross K/V precomputed (memory adapter folded into
+    W_K and W_V) and skips the LM head; its taps equal the model's own forward pass, which
+    projects the memory itself."""
+    r = make(models, tmp_path, arch)
+    r.add(DOCS)
+    c0 = [0, 3]
+    memory, mask, _ = r.memory_for(c0)
+    assert r.arch.cross_kv(memory) is not None
+    emb = torch.cat(
+        [r.arch.decoder_embeddings()(r.decoder_prefix("jazz history")[None]), r.head.tokens[None]],
+        1,
+    )
+    with torch.no_grad():
+        with QueryTap(r.layers, slice(-r.m, None)) as tap:
+            r.arch.forward(memory, mask, emb)
+        got = r.retrieval_pass("jazz history", c0)
+    want = tap.folded()
+    torch.testing.assert_close(got.vectors, want.vectors, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.const, want.const, rtol=1e-5, atol=1e-6)
 
 
 def test_retrieval_pass_reads_c0_and_tokens(models: Path, tmp_path: Path) -> None:

@@ -58,7 +58,40 @@ def intra_attention(
         override = hook(module, query, key, value, attention_mask, kwargs)
         if override is not None:
             return override
+    if getattr(module, "_intra_grouped", False) and query.shape[0] > 1:
+        return grouped_eager_attention(module, query, key, value, attention_mask, **kwargs)
     return _module_eager(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def grouped_eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gemma family's eager attention with each KV head's query heads stacked along the
+    query length instead of K/V repeated per head. Same arithmetic; but for a batch of more
+    than one row, the repeated K/V cannot be a view inside the batched matrix multiply, and
+    copying them cost as much as a batched INTRA pass saved (measured on CPU)."""
+    B, H, T, D = query.shape
+    G, S = key.shape[1], key.shape[2]
+    rep = H // G
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    q = query.reshape(B, G, rep * T, D)
+    weights = (torch.matmul(q, key.transpose(2, 3)) * scaling).view(B, H, T, S)
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights.view(B, G, rep * T, S), value).view(B, H, T, -1)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 _REGISTERED = False
@@ -99,6 +132,10 @@ class CrossLayer:
     key_norm_eps: float = 1e-6
     merged: bool = False  # cross keys appended to the self-attention keys (T5Gemma2)
     query_proj: nn.Module | None = None  # the cross-attention's query projection (query LoRA)
+    #: the value map acting on E (W_V, bias; a memory adapter folded in), where the decoder can
+    #: take precomputed cross K/V (`EncoderDecoderArch.cross_kv`)
+    value_weight: torch.Tensor | None = None
+    value_bias: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------- architectures
@@ -175,6 +212,34 @@ class EncoderDecoderArch:
         )
         return out.logits
 
+    def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every decoder layer's cross-attention keys and values ``(B, G, S, head_dim)`` for
+        `memory` ``(B, S, d)``, for a decoder that can take them precomputed (`decoder_pass`):
+        a batch then projects a chunk shared by several queries' contexts once. None where the
+        architecture cannot, or while gradients would flow into the key/value side."""
+        return None
+
+    def decoder_pass(
+        self,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        decoder_inputs_embeds: torch.Tensor,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """The decoder stack over `memory` without the LM head: what a query tap reads. (Gemma
+        3's 262k-token vocabulary makes the head cost more than the decoder's layers for a
+        retrieval pass.) Rows are right-padded: a causal decoder's real tokens never see the
+        padding after them, and `memory_mask` hides padded memory. `cross_kv` (from `cross_kv`)
+        replaces the decoder's own projections of `memory`."""
+        if cross_kv is not None:
+            raise NotImplementedError(f"{type(self).__name__} computes its own cross K/V")
+        self.decoder()(
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_mask,
+            use_cache=False,
+        )
+
     def layers(self) -> list[CrossLayer]:
         if self._layers is None:
             self._layers = self._build_layers()
@@ -190,6 +255,23 @@ class EncoderDecoderArch:
 
 def _linear(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return m.weight.detach(), None if m.bias is None else m.bias.detach()
+
+
+def _fold_adapter(
+    proj: nn.Linear, adapter: nn.Linear | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``proj(adapter(e))`` as one linear map: ``(W A, W c + b)`` (`proj` alone without one)."""
+    w, b = _linear(proj)
+    if adapter is None:
+        return w, b
+    aw, ab = _linear(adapter)
+    if ab is not None:
+        b = w @ ab if b is None else b + w @ ab
+    return w @ aw, b
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 class T5Arch(EncoderDecoderArch):
@@ -308,6 +390,14 @@ class T5Gemma2Arch(EncoderDecoderArch):
     model_types = ("t5gemma2",)
     model_classes = ("T5Gemma2ForConditionalGeneration",)
 
+    def tap_attention(self) -> Self:
+        """As the base class; batched decoder passes use `grouped_eager_attention` (the same
+        arithmetic as the model's eager attention, which is Gemma's)."""
+        super().tap_attention()
+        for layer in self.model.get_decoder().layers:
+            layer.self_attn._intra_grouped = True
+        return self
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from ...models.t5gemma2 import encode
 
@@ -319,12 +409,10 @@ class T5Gemma2Arch(EncoderDecoderArch):
         out = []
         for layer in self.model.get_decoder().layers:
             attn = layer.self_attn
-            w, b = _linear(attn.k_proj)
             adapter = memory_adapter(attn)
-            if adapter is not None:  # keys are W_K (A e + c): fold A and c like W_K and b
-                aw, ab = _linear(adapter)
-                b = (w @ ab if ab is not None else None) if b is None else b + w @ ab
-                w = w @ aw
+            # keys are W_K (A e + c): fold A and c like W_K and b (values likewise)
+            w, b = _fold_adapter(attn.k_proj, adapter)
+            vw, vb = _fold_adapter(attn.v_proj, adapter)
             cfg = attn.config
             out.append(
                 CrossLayer(
@@ -340,9 +428,63 @@ class T5Gemma2Arch(EncoderDecoderArch):
                     key_norm_eps=float(attn.k_norm.eps),
                     merged=True,
                     query_proj=attn.q_proj,
+                    value_weight=vw,
+                    value_bias=vb,
                 )
             )
         return out
+
+    def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys ``k_norm(W_K A e + W_K c)`` and values ``W_V A e + W_V c`` with the memory
+        adapter folded into each projection (one d x 2Gd_h product per memory token and layer
+        instead of the adapter's d x d and then the projections), in float32."""
+        layers = self.layers()
+        if torch.is_grad_enabled() and any(
+            p.requires_grad
+            for layer in layers
+            for m in (layer.attn.k_proj, layer.attn.v_proj, layer.attn.k_norm)
+            for p in m.parameters()
+        ):
+            return None
+        B, S, _ = memory.shape
+        x = memory.float()
+        out = []
+        with torch.no_grad():
+            for layer in layers:
+                assert layer.value_weight is not None
+                shape = (B, S, layer.n_kv_heads, layer.head_dim)
+                k = nn.functional.linear(x, layer.weight.float(), _float(layer.bias))
+                v = nn.functional.linear(x, layer.value_weight.float(), _float(layer.value_bias))
+                k = layer.attn.k_norm(k.to(memory.dtype).view(shape).transpose(1, 2))
+                out.append((k, v.to(memory.dtype).view(shape).transpose(1, 2)))
+        return out
+
+    def decoder_pass(
+        self,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        decoder_inputs_embeds: torch.Tensor,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """With `cross_kv`, the decoder reads them from a prefilled cross-attention cache (its
+        merged attention then skips projecting `memory`, and the adapters skip it too)."""
+        if cross_kv is None:
+            super().decoder_pass(memory, memory_mask, decoder_inputs_embeds)
+            return
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        decoder = self.decoder()
+        cache = EncoderDecoderCache(DynamicCache(config=decoder.config), DynamicCache())
+        for i, (k, v) in enumerate(cross_kv):
+            cache.cross_attention_cache.update(k, v, i)
+            cache.is_updated[i] = True
+        decoder(
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_mask,
+            cache=cache,
+            use_cache=True,
+        )
 
 
 class Bert2BertArch(EncoderDecoderArch):
@@ -376,6 +518,27 @@ class Bert2BertArch(EncoderDecoderArch):
 
     def decoder_embeddings(self) -> nn.Module:
         return self.model.decoder.get_input_embeddings()
+
+    def decoder_pass(
+        self,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        decoder_inputs_embeds: torch.Tensor,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """`EncoderDecoderModel` projects the memory (``enc_to_dec_proj``) before its decoder;
+        the decoder's base model skips the LM head."""
+        if cross_kv is not None:
+            raise NotImplementedError(f"{type(self).__name__} computes its own cross K/V")
+        proj = getattr(self.model, "enc_to_dec_proj", None)
+        if proj is not None:
+            memory = proj(memory)
+        self.model.decoder.base_model(
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_mask,
+            use_cache=False,
+        )
 
     def decoder_max_positions(self) -> int | None:
         return int(getattr(self.model.decoder.config, "max_position_embeddings", 512))

@@ -95,19 +95,32 @@ def score_pooled(
 ) -> torch.Tensor:
     """Exact INTRA scores of chunks ``pooled (N, p, d)`` -> ``(N,)`` (differentiable):
     ``sum_{l,h,t} alpha_lh * max_j logit_lht(pooled_j)``."""
-    L, H, m, d = folded.vectors.shape
+    return _scores(folded.vectors[None], folded.const[None], alpha, pooled, layers, rnorm)[0]
+
+
+def _scores(
+    vectors: torch.Tensor,
+    const: torch.Tensor,
+    alpha: torch.Tensor,
+    pooled: torch.Tensor,
+    layers: Sequence[CrossLayer],
+    rnorm: torch.Tensor | None,
+) -> torch.Tensor:
+    """`score_pooled` of Q queries at once: ``vectors (Q, L, H, m, d)``, ``const (Q, L, H, m)``
+    -> ``(Q, N)``; one matrix multiply against the chunks for all of them."""
+    Q, L, H, m, d = vectors.shape
     N, p, _ = pooled.shape
     P = pooled.float().reshape(N * p, d)
-    raw = (P @ folded.vectors.reshape(L * H * m, d).t()).view(N, p, L, H, m)
-    raw = raw + folded.const.view(1, 1, L, H, m)
+    raw = (P @ vectors.reshape(Q * L * H * m, d).t()).view(N, p, Q, L, H, m)
+    raw = raw + const.view(1, 1, Q, L, H, m)
     if rnorm is not None:
         g = _kv_index(layers[0], raw.device)
-        raw = raw * rnorm.float()[:, :, :, g].unsqueeze(-1)
+        raw = raw * rnorm.float()[:, :, None, :, g, None]
     caps = [layer.softcap for layer in layers]
-    best = raw.amax(1)  # (N, L, H, m); softcap is monotonic so it commutes with max
+    best = raw.amax(1)  # (N, Q, L, H, m); softcap is monotonic so it commutes with max
     if any(c is not None for c in caps):
-        best = torch.stack([_softcap(best[:, i], caps[i]) for i in range(L)], 1)
-    return (best * alpha.view(1, L, H, 1)).sum((1, 2, 3))
+        best = torch.stack([_softcap(best[:, :, i], caps[i]) for i in range(L)], 2)
+    return (best * alpha.view(1, 1, L, H, 1)).sum((2, 3, 4)).t()
 
 
 def is_linear(layers: Sequence[CrossLayer]) -> bool:
@@ -127,38 +140,83 @@ def topk_pooled(
     memory_budget: int = 64 << 20,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best `k` candidate rows by exact INTRA score: ``(rows, scores)``, best first."""
+    return topk_pooled_many(
+        [folded], alpha, pooled, layers, k, candidates, rnorm, memory_budget=memory_budget
+    )[0]
+
+
+def topk_pooled_many(
+    folded: Sequence[Folded],
+    alpha: torch.Tensor,
+    pooled: torch.Tensor,
+    layers: Sequence[CrossLayer],
+    k: int,
+    candidates: torch.Tensor,
+    rnorm: torch.Tensor | None = None,
+    memory_budget: int = 64 << 20,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`topk_pooled` of several queries over the same candidates: one scan of the pooled
+    vectors scores all of them (a batch's shared pass over the store; queries with different
+    numbers of scoring positions, ``query_positions="query+retrieval"``, scan in groups)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(folded):
+        groups.setdefault(tuple(f.vectors.shape), []).append(i)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(folded)  # type: ignore[list-item]
+    for members in groups.values():
+        ranked = _topk_same_shape(
+            [folded[i] for i in members], alpha, pooled, layers, k, candidates, rnorm, memory_budget
+        )
+        for i, r in zip(members, ranked, strict=True):
+            out[i] = r
+    return out
+
+
+def _topk_same_shape(
+    folded: Sequence[Folded],
+    alpha: torch.Tensor,
+    pooled: torch.Tensor,
+    layers: Sequence[CrossLayer],
+    k: int,
+    candidates: torch.Tensor,
+    rnorm: torch.Tensor | None,
+    memory_budget: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from ...models import maxsim_topk
 
-    L, H, m, d = folded.vectors.shape
+    L, H, m, d = folded[0].vectors.shape
+    vectors = torch.stack([f.vectors.detach() for f in folded])
+    const = torch.stack([f.const.detach() for f in folded])
+    Q = len(folded)
     rows = torch.nonzero(candidates, as_tuple=False).flatten()
     k = min(k, int(rows.numel()))
     if k == 0:
-        return rows[:0], torch.empty(0)
+        return [(rows[:0], torch.empty(0)) for _ in folded]
+    a = alpha.detach().float()
     if is_linear(layers):
-        w = alpha.detach().float().view(L, H, 1).expand(L, H, m).reshape(-1)
+        w = a.view(L, H, 1).expand(L, H, m).reshape(-1)
         scores, idx = maxsim_topk(
-            folded.vectors.detach().reshape(1, L * H * m, d),
+            vectors.reshape(Q, L * H * m, d),
             pooled,
             k,
             candidates=candidates,
             weights=w,
             memory_budget=memory_budget,
         )
-        shift = float((folded.const.detach() * alpha.detach().view(L, H, 1)).sum())
-        return idx[0].long(), scores[0] + shift
-    per_row = pooled.shape[1] * L * H * m * 4 * 3
+        shift = (const * a.view(1, L, H, 1)).sum((1, 2, 3))
+        return [(idx[i].long(), scores[i] + float(shift[i])) for i in range(Q)]
+    per_row = pooled.shape[1] * Q * L * H * m * 4 * 3
     block = max(1, memory_budget // max(per_row, 1))
-    best_s = torch.empty(0)
-    best_r = torch.empty(0, dtype=torch.long)
+    best_s = torch.empty(Q, 0)
+    best_r = torch.empty(Q, 0, dtype=torch.long)
     with torch.no_grad():
         for start in range(0, rows.numel(), block):
             r = rows[start : start + block]
-            s = score_pooled(folded, alpha, pooled[r], layers, None if rnorm is None else rnorm[r])
-            all_s = torch.cat([best_s, s])
-            all_r = torch.cat([best_r, r])
-            top = torch.topk(all_s, min(k, all_s.numel()))
-            best_s, best_r = top.values, all_r[top.indices]
-    return best_r, best_s
+            s = _scores(vectors, const, a, pooled[r], layers, None if rnorm is None else rnorm[r])
+            all_s = torch.cat([best_s, s], 1)
+            all_r = torch.cat([best_r, r[None].expand(Q, -1)], 1)
+            top = torch.topk(all_s, min(k, all_s.shape[1]), dim=1)
+            best_s, best_r = top.values, torch.gather(all_r, 1, top.indices)
+    return [(best_r[i], best_s[i]) for i in range(Q)]
 
 
 # ---------------------------------------------------------------------- query tap
@@ -207,11 +265,26 @@ class QueryTap:
 
     def folded(self) -> Folded:
         """Folded queries of the first batch row: ``(L, H, m, d)`` and ``(L, H, m)``."""
-        vecs, consts = [], []
+        return self.folded_rows([slice(None)])[0]
+
+    def folded_rows(self, positions: Sequence[slice]) -> list[Folded]:
+        """Folded queries of batch rows ``0..len(positions)-1``, row i at ``positions[i]`` within
+        the recorded positions (right-padded rows differ in where their tokens end). Rows whose
+        slices have one length are folded together."""
+        per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for q, layer in zip(self.queries, self.layers, strict=True):
             if q is None:
                 raise RuntimeError("decoder layer did not run its cross-attention")
-            v, c = fold_layer(q[:1], layer)
-            vecs.append(v[0])
-            consts.append(c[0])
-        return Folded(torch.stack(vecs), torch.stack(consts))
+            rows = [q[i : i + 1, :, pos] for i, pos in enumerate(positions)]
+            if len({int(r.shape[2]) for r in rows}) == 1:
+                v, c = fold_layer(torch.cat(rows), layer)
+                per_layer.append(list(zip(v, c, strict=True)))
+            else:
+                per_layer.append([tuple(x[0] for x in fold_layer(r, layer)) for r in rows])
+        return [
+            Folded(
+                torch.stack([layer[i][0] for layer in per_layer]),
+                torch.stack([layer[i][1] for layer in per_layer]),
+            )
+            for i in range(len(positions))
+        ]
