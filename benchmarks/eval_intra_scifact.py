@@ -56,6 +56,11 @@ def main() -> None:
     ap.add_argument(
         "--query-positions", default="retrieval", help="comma list: retrieval,query+retrieval"
     )
+    ap.add_argument(
+        "--c0-scores",
+        default="dot",
+        help="comma list of encoder-side (C0) scorings: dot,standardised",
+    )
     ap.add_argument("--no-fit", action="store_true", help="skip the fit rows")
     ap.add_argument(
         "--lora-ranks",
@@ -128,7 +133,7 @@ def main() -> None:
     # one store per (cross-attention init or memory adapter): they change the model
     stores = args.cross_init.split(",") if bert else args.memory_adapter.split(",")
     fits: dict[str, dict] = {}
-    hist: dict = {"examples": 0, "steps": 0}
+    trained = {"examples": 0, "steps": 0}  # of the last fit, for the notes
     for variant in stores:
         t0 = time.perf_counter()
         extra = (
@@ -155,10 +160,15 @@ def main() -> None:
         log["model_load_s"] = load_s
         log["intra_index_s"] = index_s
         label = f"cross-attention {variant}" if bert else f"memory adapter {tag}"
+        c0_scores = args.c0_scores.split(",")
         if variant == stores[0]:  # the encoder is the same for every variant
-            with intra.using(mode="encoder"):
-                record("INTRA (a) encoder-side stage (C0 MaxSim)", intra, index_s)
-        for positions in args.query_positions.split(","):
+            for c0 in c0_scores:
+                with intra.using(mode="encoder", c0_score=c0):
+                    record(f"INTRA (a) encoder-side stage (C0 MaxSim, {c0})", intra, index_s)
+        for positions, c0 in [(p, c) for p in args.query_positions.split(",") for c in c0_scores]:
+            intra.configure(c0_score=c0)
+            if len(c0_scores) > 1 or c0 != "dot":
+                label = f"{label.split(', C0')[0]}, C0 {c0}"
             intra.query_positions = positions
             intra.reset_head()  # a rerun reopens a store whose head was already trained
             record(f"INTRA (b) full, untrained head, {label}, queries: {positions}", intra, None)
@@ -171,7 +181,7 @@ def main() -> None:
             for rank in (int(x) for x in args.lora_ranks.split(",")):
                 intra.reset_head()
                 t0 = time.perf_counter()
-                hist = intra.fit(
+                report = intra.fit(
                     {q: train_q[q] for q in qids},
                     {q: train_qrels[q] for q in qids},
                     epochs=args.epochs,
@@ -179,16 +189,17 @@ def main() -> None:
                     n_candidates=args.n_candidates,
                     lora_rank=rank,
                     checkpoint_dir=work / f"ckpt-{tag}-{positions}-{args.epochs}-{args.lr}-"
-                    f"{args.n_candidates}-{len(qids)}-lora{rank}",
+                    f"{args.n_candidates}-{len(qids)}-lora{rank}-{c0}",
                     show_progress=False,
                 )
                 fit_s = time.perf_counter() - t0
-                losses = hist.losses
+                losses = report.losses
                 n = max(1, len(losses) // 10)
+                trained = {"examples": report.num_examples, "steps": report.steps}
                 log.update(
                     fit_s=fit_s,
-                    fit_steps=hist.steps,
-                    fit_examples=hist.num_examples,
+                    fit_steps=report.steps,
+                    fit_examples=report.num_examples,
                     loss_first=sum(losses[:n]) / n,
                     loss_last=sum(losses[-n:]) / n,
                 )
@@ -199,7 +210,7 @@ def main() -> None:
                     intra,
                     None,
                 )
-                fits[f"{tag}/{positions}/lora{rank}"] = dict(log)
+                fits[f"{tag}/{positions}/lora{rank}/{c0}"] = dict(log)
         intra.close()
 
     out = {
@@ -239,7 +250,7 @@ def main() -> None:
                     f"vectors/chunk, k0={args.k0}, max_length={args.max_length}, "
                     "fp16 token states, "
                     f"{intra.pooled_dtype} pooled vectors. fit: "
-                    f"{hist['examples']} train queries, {hist['steps']} steps "
+                    f"{trained['examples']} train queries, {trained['steps']} steps "
                     f"({args.epochs} epoch(s), "
                     f"batch 8, lr {args.lr}), softmax over {args.n_candidates} chunks (half the "
                     "encoder stage's best, half uniform from the rest) + positives, or the whole "

@@ -192,6 +192,50 @@ def test_encoder_mode_and_ann_candidates(models: Path, tmp_path: Path) -> None:
     assert len(r.search("river ecology", k=3)) == 3
 
 
+def standardised_c0(r: IntraRetriever, query: str, k0: int) -> list[int]:
+    """C0 by the definition: cosine of per-dimension standardised states, max over a chunk's
+    pooled vectors, summed over query tokens; statistics over the live pooled vectors."""
+    live = r.store.live_rows().tolist()
+    pooled = r.store.fixed("pooled").float()
+    flat = pooled[live].reshape(-1, r.dim)
+    mean, std = flat.mean(0), flat.std(0)
+
+    def z(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize((x - mean) / std, dim=-1)
+
+    q = z(r.encode_states([query])[0].float())
+    score = {row: float((q @ z(pooled[row]).t()).amax(1).sum()) for row in live}
+    return sorted(live, key=lambda x: -score[x])[:k0]
+
+
+def test_standardised_c0_follows_its_definition_and_the_store(
+    models: Path, tmp_path: Path
+) -> None:
+    """``c0_score="standardised"``: C0 as defined, batch = single, statistics refreshed when
+    rows are added or deleted; an unknown value is refused."""
+    r = make(models, tmp_path, "t5gemma2-gemma3", c0_score="standardised")
+    r.add(DOCS[:10])
+    live, cand = r.store.live_rows(), r.store.candidate_mask(None)
+    query = "river ecology of fish"
+    got = r.initial_context(r.encode_states([query])[0], cand, 5)[0].tolist()
+    assert got == standardised_c0(r, query, 5)
+    with r.using(c0_score="dot"):
+        dot = r.initial_context(r.encode_states([query])[0], cand, len(live))[0].tolist()
+    assert dot != r.initial_context(r.encode_states([query])[0], cand, len(live))[0].tolist()
+    queries = ["vaccine", query, "solar panels"]
+    with r.using(mode="encoder"):
+        batch = r.search_batch(queries, k=4)
+        for q, hits in zip(queries, batch, strict=True):
+            assert [h.chunk_id for h in hits] == [h.chunk_id for h in r.search(q, k=4)]
+    r.add(DOCS[10:])
+    r.delete(["d0", "d3"])
+    cand = r.store.candidate_mask(None)
+    got = r.initial_context(r.encode_states([query])[0], cand, 5)[0].tolist()
+    assert got == standardised_c0(r, query, 5)
+    with pytest.raises(InvalidInputError):
+        r.configure(c0_score="whitened")
+
+
 def test_filters_k_and_deletes(models: Path, tmp_path: Path) -> None:
     r = make(models, tmp_path, "t5")
     r.add(DOCS)
@@ -348,6 +392,8 @@ def test_fit_checkpoint_resume_matches_uninterrupted(models: Path, tmp_path: Pat
     torch.testing.assert_close(fresh.head.alpha, full.head.alpha, rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointMismatchError):
         fresh.fit(qs[:5], pos[:5], epochs=2, batch_size=5, checkpoint_dir=tmp_path / "ck-b")
+    with fresh.using(c0_score="standardised"), pytest.raises(CheckpointMismatchError):
+        fresh.fit(qs, pos, epochs=2, batch_size=5, checkpoint_dir=tmp_path / "ck-b")
 
 
 @pytest.mark.parametrize("arch", ["t5", "t5gemma2-gemma3"])

@@ -18,7 +18,7 @@ corpora FAISS over pooled vectors proposes candidates per layer; the final score
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -85,6 +85,10 @@ MODES = ("intra", "encoder")
 #: where a second stage's initial context C0 comes from: the first stage's top `k0` candidates,
 #: or INTRA's own encoder-side MaxSim over the candidates (as in a whole-store search)
 RERANK_CONTEXTS = ("first_stage", "encoder")
+#: how the encoder-side stage scores chunks: MaxSim by raw dot product (the paper), or by the
+#: cosine of states standardised per dimension with the store's pooled-vector mean and standard
+#: deviation (label-free; Gemma 3's few huge dimensions swamp a raw dot product)
+C0_SCORES = ("dot", "standardised")
 #: queries per batched decoder call in `search_batch` (see `retrieval_passes`)
 DECODER_BATCH = 8
 
@@ -95,7 +99,8 @@ class IntraSearchOptions(SearchOptions):
     `k0`: initial-context size (0: C0 is empty); `query_positions`: whose cross-attention queries
     score chunks; from `ann_threshold` live chunks FAISS proposes candidates (`ann_k` pooled
     neighbours per query vector, IVF `ann_nprobe`, at most `ann_rerank` rows rescored exactly);
-    `rerank_context`: where C0 comes from when INTRA reranks another retriever's candidates."""
+    `rerank_context`: where C0 comes from when INTRA reranks another retriever's candidates;
+    `c0_score`: how the encoder-side stage scores chunks (`C0_SCORES`)."""
 
     mode: str = "intra"
     k0: int = 4
@@ -105,9 +110,11 @@ class IntraSearchOptions(SearchOptions):
     ann_nprobe: int = 16
     ann_rerank: int = 2048
     rerank_context: str = "first_stage"
+    c0_score: str = "dot"
 
     def validate(self) -> None:
         check_choice("mode", self.mode, MODES)
+        check_choice("c0_score", self.c0_score, C0_SCORES)
         check_choice("rerank_context", self.rerank_context, RERANK_CONTEXTS)
         check_choice("query_positions", self.query_positions, QUERY_POSITIONS)
         check_int("k0", self.k0, 0)
@@ -163,6 +170,7 @@ class IntraRetriever(StoreRetriever):
         ann_nprobe: int = 16,
         ann_rerank: int = 2048,
         rerank_context: str = "first_stage",
+        c0_score: str = "dot",
         pooled_dtype: str | None = None,
         head: str | None = None,
         path: str | PathLike[str] | None = None,
@@ -187,6 +195,7 @@ class IntraRetriever(StoreRetriever):
                 ann_nprobe=ann_nprobe,
                 ann_rerank=ann_rerank,
                 rerank_context=rerank_context,
+                c0_score=c0_score,
             )
         )
         model = default_model() if model is None else model
@@ -244,6 +253,9 @@ class IntraRetriever(StoreRetriever):
         limit = limit if limit <= 4096 else 512
         self.max_length = int(max_length) if max_length is not None else limit
         self._ann: VectorIndex | None = None
+        # c0_score="standardised": the standardised pooled vectors and (mean, std), cached
+        self._standardised: torch.Tensor | None = None
+        self._c0_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self.head: RetrievalHead | None = None
         super().__init__(
             path=path,
@@ -355,6 +367,7 @@ class IntraRetriever(StoreRetriever):
 
     def _on_open(self) -> None:
         self._ann = None
+        self._forget_c0_stats()
         if self.head is None:
             self.head = self._initial_head()
             got = self.store.get_aux(AUX_NAME)
@@ -364,10 +377,12 @@ class IntraRetriever(StoreRetriever):
                 self.load_head(self.head_path)
 
     def _on_rows_added(self, rows: range, tensors: Mapping[str, Any]) -> None:
+        self._forget_c0_stats()
         if self._ann is not None:
             self._ann_add(torch.arange(rows.start, rows.stop), tensors["pooled"])
 
     def _on_rows_deleted(self, rows: Sequence[int]) -> None:
+        self._forget_c0_stats()
         if self._ann is not None:
             r = torch.tensor(list(rows), dtype=torch.long)
             self._ann.remove((r[:, None] * self.p + torch.arange(self.p)).reshape(-1))
@@ -474,8 +489,33 @@ class IntraRetriever(StoreRetriever):
             cand = self._ann_candidates(qstates, candidates) & candidates
             if int(cand.sum()) < k0:
                 cand = candidates
-        scores, idx = maxsim_topk(qstates.float()[None], self.pooled_vectors(), k0, candidates=cand)
+        docs, query = self._c0_sides()
+        scores, idx = maxsim_topk(query(qstates.float())[None], docs, k0, candidates=cand)
         return idx[0].long(), scores[0]
+
+    def _c0_sides(self) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The pooled vectors the encoder-side stage scans and the map its query states go
+        through first (`c0_score`). ``"standardised"``: both sides ``normalize((x - mean) /
+        std)`` with the mean and per-dimension std of the live pooled vectors, computed on first
+        use and again after rows are added or deleted (each store part of a split index uses its
+        own); the standardised copy of the pooled vectors is kept in memory."""
+        if self.c0_score == "dot":
+            return self.pooled_vectors(), lambda x: x
+        if self._standardised is None or self._c0_stats is None:
+            pooled = self.pooled_vectors()
+            live = pooled[self.store.live_rows()].float().reshape(-1, self.dim)
+            mean = live.mean(0) if len(live) else torch.zeros(self.dim)
+            std = live.std(0) if len(live) > 1 else torch.ones(self.dim)
+            std = std.clamp_min(1e-6)
+            self._c0_stats = (mean, std)
+            self._standardised = torch.nn.functional.normalize(
+                (pooled.float() - mean) / std, dim=-1
+            )
+        mean, std = self._c0_stats
+        return self._standardised, lambda x: torch.nn.functional.normalize((x - mean) / std, dim=-1)
+
+    def _forget_c0_stats(self) -> None:
+        self._standardised, self._c0_stats = None, None
 
     def decoder_prefix(self, query: str) -> torch.Tensor:
         """Decoder input ids ``[start, query tokens]`` truncated to leave room for m tokens."""
@@ -761,14 +801,13 @@ class IntraRetriever(StoreRetriever):
         k0 = min(k0, int(candidates.sum()))
         if k0 == 0:
             return [(torch.empty(0, dtype=torch.long), torch.empty(0)) for _ in states]
+        docs, query = self._c0_sides()
         width = max(int(s.shape[0]) for s in states)
         q = torch.zeros(len(states), width, self.dim)
         mask = torch.zeros(len(states), width, dtype=torch.bool)
         for i, s in enumerate(states):
-            q[i, : s.shape[0]], mask[i, : s.shape[0]] = s.float(), True
-        scores, idx = maxsim_topk(
-            q, self.pooled_vectors(), k0, query_mask=mask, candidates=candidates
-        )
+            q[i, : s.shape[0]], mask[i, : s.shape[0]] = query(s.float()), True
+        scores, idx = maxsim_topk(q, docs, k0, query_mask=mask, candidates=candidates)
         return [(idx[i].long(), scores[i]) for i in range(len(states))]
 
     def _rerank(self, query: str, heads: torch.Tensor, candidates: torch.Tensor, k: int) -> Ranked:

@@ -123,7 +123,7 @@ def fit(r: IntraRetriever, queries: Any, qrels: Any, cfg: IntraFitConfig) -> Fit
         head.add_lora(r.query_projs(), cfg.lora_rank, seed=cfg.seed)
     settings = {
         "k0": r.k0, "m": r.m, "rows": r.store.num_rows, "query_positions": r.query_positions,
-        "lora_rank": head.lora_rank,
+        "lora_rank": head.lora_rank, "c0_score": r.c0_score,
     }  # fmt: skip
     live = r.store.live_mask()
     n_live = int(live.sum())
