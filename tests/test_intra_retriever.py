@@ -208,9 +208,7 @@ def standardised_c0(r: IntraRetriever, query: str, k0: int) -> list[int]:
     return sorted(live, key=lambda x: -score[x])[:k0]
 
 
-def test_standardised_c0_follows_its_definition_and_the_store(
-    models: Path, tmp_path: Path
-) -> None:
+def test_standardised_c0_follows_its_definition_and_the_store(models: Path, tmp_path: Path) -> None:
     """``c0_score="standardised"``: C0 as defined, batch = single, statistics refreshed when
     rows are added or deleted; an unknown value is refused."""
     r = make(models, tmp_path, "t5gemma2-gemma3", c0_score="standardised")
