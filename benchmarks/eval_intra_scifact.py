@@ -159,7 +159,7 @@ def main() -> None:
         index_s = time.perf_counter() - t0 - load_s if len(added) == len(docs) else None
         log["model_load_s"] = load_s
         log["intra_index_s"] = index_s
-        label = f"cross-attention {variant}" if bert else f"memory adapter {tag}"
+        store_label = f"cross-attention {variant}" if bert else f"memory adapter {tag}"
         c0_scores = args.c0_scores.split(",")
         if variant == stores[0]:  # the encoder is the same for every variant
             for c0 in c0_scores:
@@ -167,8 +167,7 @@ def main() -> None:
                     record(f"INTRA (a) encoder-side stage (C0 MaxSim, {c0})", intra, index_s)
         for positions, c0 in [(p, c) for p in args.query_positions.split(",") for c in c0_scores]:
             intra.configure(c0_score=c0)
-            if len(c0_scores) > 1 or c0 != "dot":
-                label = f"{label.split(', C0')[0]}, C0 {c0}"
+            label = store_label if c0_scores == ["dot"] else f"{store_label}, C0 {c0}"
             intra.query_positions = positions
             intra.reset_head()  # a rerun reopens a store whose head was already trained
             record(f"INTRA (b) full, untrained head, {label}, queries: {positions}", intra, None)

@@ -253,9 +253,8 @@ class IntraRetriever(StoreRetriever):
         limit = limit if limit <= 4096 else 512
         self.max_length = int(max_length) if max_length is not None else limit
         self._ann: VectorIndex | None = None
-        # c0_score="standardised": the standardised pooled vectors and (mean, std), cached
-        self._standardised: torch.Tensor | None = None
-        self._c0_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        # c0_score="standardised": (mean, std, standardised pooled vectors), cached
+        self._standardised: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.head: RetrievalHead | None = None
         super().__init__(
             path=path,
@@ -501,21 +500,18 @@ class IntraRetriever(StoreRetriever):
         own); the standardised copy of the pooled vectors is kept in memory."""
         if self.c0_score == "dot":
             return self.pooled_vectors(), lambda x: x
-        if self._standardised is None or self._c0_stats is None:
+        if self._standardised is None:
             pooled = self.pooled_vectors()
             live = pooled[self.store.live_rows()].float().reshape(-1, self.dim)
             mean = live.mean(0) if len(live) else torch.zeros(self.dim)
-            std = live.std(0) if len(live) > 1 else torch.ones(self.dim)
-            std = std.clamp_min(1e-6)
-            self._c0_stats = (mean, std)
-            self._standardised = torch.nn.functional.normalize(
-                (pooled.float() - mean) / std, dim=-1
-            )
-        mean, std = self._c0_stats
-        return self._standardised, lambda x: torch.nn.functional.normalize((x - mean) / std, dim=-1)
+            std = live.std(0).clamp_min(1e-6) if len(live) > 1 else torch.ones(self.dim)
+            docs = torch.nn.functional.normalize((pooled.float() - mean) / std, dim=-1)
+            self._standardised = (mean, std, docs)
+        mean, std, docs = self._standardised
+        return docs, lambda x: torch.nn.functional.normalize((x - mean) / std, dim=-1)
 
     def _forget_c0_stats(self) -> None:
-        self._standardised, self._c0_stats = None, None
+        self._standardised = None
 
     def decoder_prefix(self, query: str) -> torch.Tensor:
         """Decoder input ids ``[start, query tokens]`` truncated to leave room for m tokens."""
