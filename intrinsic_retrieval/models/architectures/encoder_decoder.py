@@ -233,12 +233,20 @@ class EncoderDecoderArch:
         replaces the decoder's own projections of `memory`."""
         if cross_kv is not None:
             raise NotImplementedError(f"{type(self).__name__} computes its own cross K/V")
-        self.decoder()(
+        self._decoder_stack()(
             inputs_embeds=decoder_inputs_embeds,
-            encoder_hidden_states=memory,
+            encoder_hidden_states=self._decoder_memory(memory),
             encoder_attention_mask=memory_mask,
             use_cache=False,
         )
+
+    def _decoder_stack(self) -> nn.Module:
+        """The module `decoder_pass` calls: the decoder without an LM head."""
+        return self.decoder()
+
+    def _decoder_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        """The memory as the decoder stack receives it (`EncoderDecoderModel` projects it)."""
+        return memory
 
     def layers(self) -> list[CrossLayer]:
         if self._layers is None:
@@ -519,26 +527,12 @@ class Bert2BertArch(EncoderDecoderArch):
     def decoder_embeddings(self) -> nn.Module:
         return self.model.decoder.get_input_embeddings()
 
-    def decoder_pass(
-        self,
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        decoder_inputs_embeds: torch.Tensor,
-        cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> None:
-        """`EncoderDecoderModel` projects the memory (``enc_to_dec_proj``) before its decoder;
-        the decoder's base model skips the LM head."""
-        if cross_kv is not None:
-            raise NotImplementedError(f"{type(self).__name__} computes its own cross K/V")
+    def _decoder_stack(self) -> nn.Module:
+        return self.model.decoder.base_model  # BERT's decoder without its LM head
+
+    def _decoder_memory(self, memory: torch.Tensor) -> torch.Tensor:
         proj = getattr(self.model, "enc_to_dec_proj", None)
-        if proj is not None:
-            memory = proj(memory)
-        self.model.decoder.base_model(
-            inputs_embeds=decoder_inputs_embeds,
-            encoder_hidden_states=memory,
-            encoder_attention_mask=memory_mask,
-            use_cache=False,
-        )
+        return memory if proj is None else proj(memory)
 
     def decoder_max_positions(self) -> int | None:
         return int(getattr(self.model.decoder.config, "max_position_embeddings", 512))
