@@ -19,6 +19,10 @@ stopped (documents already stored are skipped). `eval` composes the stored index
 what int8 K/V costs the in-context second stage against float16 on the same candidates.
 `--subset N` runs on N documents (all test positives kept) in its own `--workdir`;
 `--reuse-incontext` lets that run rerank from the full-corpus in-context store.
+`--ic-build` overrides the in-context index options (e.g. fewer `kv_layers`, float16), and
+`--ic-query-lora` loads a query LoRA trained on another index of the same model
+(`InContextRetriever.save_query_lora`, e.g. from `train_incontext_scifact.py`'s store) into the
+in-context store before `eval`: trained once on a sample, used on the whole corpus.
 """
 
 from __future__ import annotations
@@ -83,10 +87,11 @@ def build(args: argparse.Namespace) -> None:
     )
     for name in args.retrievers.split(","):
         path = work / name
+        options = {**STORES[name], **(json.loads(args.ic_build) if name == "incontext" else {})}
         r = (
             load_retriever(path)
             if (path / "manifest.json").exists()
-            else create_retriever(name, path=str(path), **STORES[name])
+            else create_retriever(name, path=str(path), **options)
         )
         t0 = time.perf_counter()
         added = r.add(docs, on_duplicate="skip")
@@ -128,6 +133,16 @@ def main() -> None:
     ap.add_argument(
         "--reuse-incontext", help="an in-context store of the full corpus to rerank with"
     )
+    ap.add_argument(
+        "--ic-build",
+        default="{}",
+        help="JSON: in-context index options over the defaults, e.g. '{\"kv_layers\": 9}'",
+    )
+    ap.add_argument(
+        "--ic-query-lora",
+        help="a query LoRA file (InContextRetriever.save_query_lora) to load into the "
+        "in-context store before evaluating",
+    )
     ap.add_argument("--fusion-first", action="store_true", help="also rerank RRF's top 50")
     ap.add_argument("--whole-corpus-queries", type=int, default=3)
     ap.add_argument("--ic-options", help="JSON: a further in-context configuration to evaluate")
@@ -164,6 +179,8 @@ def evaluate(args: argparse.Namespace) -> None:
     }
     if args.reuse_incontext:  # a store of a larger corpus: rerank reads the candidates only
         stores["incontext"] = load_retriever(args.reuse_incontext, show_progress=False)
+    if args.ic_query_lora and "incontext" in stores:  # trained elsewhere, same model
+        stores["incontext"].load_query_lora(args.ic_query_lora)
     print(f"stores ready: {sorted(stores)}", flush=True)
     check = not args.reuse_incontext
     build_log = json.loads((work / "build.json").read_text())
@@ -230,9 +247,15 @@ def evaluate(args: argparse.Namespace) -> None:
         + "; ".join(f"{n} {v['index_seconds']:.0f}" for n, v in build_log.items()),
     ]
     if "incontext" in stores:
+        ic = stores["incontext"]
         notes.append(
-            "in-context: Gemma 3 270M, one 300-token block per document (longer documents "
-            "truncated), int8 K/V of all 18 layers, zero-shot readout (default options)"
+            f"in-context: Gemma 3 270M, one {ic.max_doc_tokens}-token block per document (longer "
+            f"documents truncated), {ic.store_dtype} K/V of layers 0-{ic.kv_layers - 1}, "
+            + (
+                "zero-shot readout"
+                if ic.query_lora is None
+                else f"trained query LoRA ({args.ic_query_lora or 'the store holds it'})"
+            )
             + (
                 "; its store holds the full corpus (built by the full run): a second stage "
                 "reads only the candidates, all from this subset"

@@ -213,6 +213,52 @@ def test_readout_fit_refusals(tiny_llama: str, tmp_path: Path) -> None:
         InContextRetriever.load(tmp_path / "idx", show_progress=False)
 
 
+def test_query_lora_moves_between_indexes_of_the_same_model(
+    tiny_llama: str, tiny_llama_other: str, tmp_path: Path
+) -> None:
+    """A query LoRA saved from one index and loaded into another index of the same model ranks
+    there exactly as where it was trained (on the same documents), persists in its new store,
+    and is refused, the store untouched, for another model or a bad file."""
+    from intrinsic_retrieval.errors import NotTrainedError
+
+    trained = make(tiny_llama, tmp_path / "t", max_doc_tokens=32)
+    trained.add(TOPIC_DOCS)
+    with pytest.raises(NotTrainedError):
+        trained.save_query_lora(tmp_path / "none.safetensors")
+    trained.fit(
+        TOPIC_QUERIES, objective="readout", candidates=4, hard_negatives=1, epochs=3,
+        lr=1e-2, batch_size=4, show_progress=False,
+    )  # fmt: skip
+    trained.save_query_lora(tmp_path / "lora.safetensors")
+    queries = list(TOPIC_QUERIES)[:3]
+
+    def ranked(r: InContextRetriever) -> list[list[tuple[str, float]]]:
+        return [[(h.document_id, h.score) for h in r.search(q, k=5)] for q in queries]
+
+    fresh = make(tiny_llama, tmp_path / "f", max_doc_tokens=32)
+    fresh.add(TOPIC_DOCS)
+    untrained = ranked(fresh)
+    fresh.load_query_lora(tmp_path / "lora.safetensors")
+    got, want = ranked(fresh), ranked(trained)
+    assert [[d for d, _ in x] for x in got] == [[d for d, _ in x] for x in want]
+    for g, w in zip(got, want, strict=True):
+        assert [s for _, s in g] == pytest.approx([s for _, s in w], abs=1e-5)
+    assert got != untrained  # the update is in force
+    reopened = InContextRetriever.load(tmp_path / "f" / "idx", show_progress=False)
+    assert reopened.query_lora is not None and ranked(reopened) == got
+    other = make(tiny_llama_other, tmp_path / "o", max_doc_tokens=32)
+    other.add(TOPIC_DOCS[:2])
+    with pytest.raises(ModelMismatchError):
+        other.load_query_lora(tmp_path / "lora.safetensors")
+    assert other.query_lora is None and "query_lora" not in other.store.aux_names()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(InvalidInputError, match="safetensors"):
+        fresh.load_query_lora(tmp_path / "bad.safetensors")
+    with pytest.raises(InvalidInputError, match="no query LoRA file"):
+        fresh.load_query_lora(tmp_path / "missing.safetensors")
+    assert ranked(fresh) == got
+
+
 def test_routing_with_all_documents_equals_no_routing(tiny_llama: str, tmp_path: Path) -> None:
     plain = make(tiny_llama, tmp_path / "p")
     plain.add(DOCS)

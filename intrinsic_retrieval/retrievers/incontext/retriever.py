@@ -13,18 +13,24 @@ import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from ...chunking import Spanner, tokenizer_spans
-from ...errors import InvalidInputError, ModelMismatchError, StoreError
+from ...errors import InvalidInputError, ModelMismatchError, NotTrainedError, StoreError
 from ...models.architectures import decoder_only_for
 from ...models.fingerprint import combine_fingerprints, model_fingerprint, tokenizer_fingerprint
 from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
 from ...models.query_lora import LowRankUpdate, check_low_rank
 from ...models.trie import PrefixTrie
 from ...store import EncodedChunkStore, TensorSpec
+from ...store.shards import atomic_write_bytes
 from ...training import FitReport
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
@@ -536,18 +542,48 @@ class InContextRetriever(StoreRetriever):
         """The store's query LoRA, refused when it was trained on another model."""
         self.query_lora = None
         got = self.store.get_aux(QUERY_LORA_AUX)
-        if got is None:
-            return
-        tensors, meta = got
-        where = f"{self.store.path} (aux {QUERY_LORA_AUX})"
-        if meta.get("format") != QUERY_LORA_FORMAT:
+        if got is not None:
+            where = f"{self.store.path} (aux {QUERY_LORA_AUX})"
+            self.query_lora = self._checked_query_lora(*got, where)
+
+    def _checked_query_lora(
+        self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], where: str
+    ) -> LowRankUpdate:
+        """A stored query LoRA as an update for this model; `ModelMismatchError` when it is
+        not one, or was made for another model or shape."""
+        if meta.get("format") != QUERY_LORA_FORMAT or not {"lora_a", "lora_b"} <= set(tensors):
             raise ModelMismatchError(where, expected=QUERY_LORA_FORMAT, found=meta.get("format"))
         model = model_fingerprint(self.model)
         if meta.get("model") != model:
             raise ModelMismatchError(where, expected=model, found=meta.get("model"))
         check_low_rank(self.query_projs(), tensors["lora_a"], tensors["lora_b"], where)
-        update = LowRankUpdate(tensors["lora_a"], tensors["lora_b"])
-        self.query_lora = update.requires_grad_(False)
+        return LowRankUpdate(tensors["lora_a"], tensors["lora_b"]).requires_grad_(False)
+
+    def save_query_lora(self, path: str | PathLike[str]) -> None:
+        """Write the trained query LoRA to a standalone safetensors file (atomically, bound to
+        the model's fingerprint), for another index of the same model (`load_query_lora`):
+        train on a sample of the corpus, search the whole of it. The update only touches the
+        query side, so it needs no re-encoding wherever it goes."""
+        if self.query_lora is None:
+            raise NotTrainedError("no query LoRA to save: fit(objective='readout') first")
+        meta = {"format": QUERY_LORA_FORMAT, "model": model_fingerprint(self.model)}
+        atomic_write_bytes(Path(path), save_safetensors(self.query_lora.state(), metadata=meta))
+
+    def load_query_lora(self, path: str | PathLike[str]) -> None:
+        """Use a query LoRA saved with `save_query_lora` and write it into this store (it reloads
+        with it). `InvalidInputError` when there is no such file or it is not safetensors;
+        `ModelMismatchError` when it is not a query LoRA or was trained for another model. A
+        refused file leaves the store as it was."""
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInputError(f"no query LoRA file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            tensors = load_safetensors(str(path))
+        except Exception as exc:  # safetensors raises its own error types for a bad file
+            raise InvalidInputError(f"{path} is not a safetensors file: {exc}") from None
+        self.set_query_lora(self._checked_query_lora(tensors, meta, str(path)))
 
     def _pass(
         self, ids: torch.Tensor, docs: torch.Tensor, num_layers: int, **kw: Any
