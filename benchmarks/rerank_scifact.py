@@ -191,12 +191,20 @@ def evaluate(args: argparse.Namespace) -> None:
             ("dense (all-MiniLM-L6-v2)", stores["dense"], {}),
             ("RRF(BM25, dense)", Fusion([stores["bm25"], stores["dense"]], depth=100), {}),
         ]
-    ic_configs = {"": {}}
+    # (label suffix, in-context options, at every depth or only at the first)
+    ic_configs: list[tuple[str, dict[str, Any], bool]] = [("", {}, True)]
     if args.ic_options:
-        ic_configs[f", {args.ic_label}"] = json.loads(args.ic_options)
-    for n in (int(x) for x in args.candidates.split(",")):
-        for suffix, options in ic_configs.items():
-            if "incontext" in stores and (n == 50 or options or len(ic_configs) == 1):
+        ic_configs = [("", {}, False), (f", {args.ic_label}", json.loads(args.ic_options), True)]
+    if "incontext" in stores and stores["incontext"].query_lora is not None:
+        suffix, options, _ = ic_configs[-1]  # zero-shot beside trained, on the same store
+        ic_configs = [
+            (f"{suffix}, zero-shot", {**options, "use_query_lora": False}, False),
+            (f"{suffix}, trained query LoRA", options, True),
+        ]
+    depths = [int(x) for x in args.candidates.split(",")]
+    for n in depths:
+        for suffix, options, every in ic_configs:
+            if "incontext" in stores and (every or n == depths[0]):
                 r = Rerank(stores["bm25"], stores["incontext"], candidates=n, check_stages=check)
                 contenders.append((f"BM25 top-{n} -> in-context{suffix}", r, options))
         if "intra" in stores:
@@ -204,7 +212,7 @@ def evaluate(args: argparse.Namespace) -> None:
             contenders.append((f"BM25 top-{n} -> INTRA", r, {}))
     if "incontext" in stores and "dense" in stores and args.fusion_first:
         rrf = Fusion([stores["bm25"], stores["dense"]], depth=100)
-        suffix, options = list(ic_configs.items())[-1]
+        suffix, options, _ = ic_configs[-1]
         r = Rerank(rrf, stores["incontext"], candidates=50, check_stages=check)
         contenders.append((f"RRF top-50 -> in-context{suffix}", r, options))
     rows, results = [], []

@@ -246,6 +246,11 @@ def test_query_lora_moves_between_indexes_of_the_same_model(
     assert got != untrained  # the update is in force
     reopened = InContextRetriever.load(tmp_path / "f" / "idx", show_progress=False)
     assert reopened.query_lora is not None and ranked(reopened) == got
+    with reopened.using(use_query_lora=False):  # zero-shot again, the LoRA kept
+        assert ranked(reopened) == untrained
+    assert ranked(reopened) == got
+    with pytest.raises(InvalidInputError, match="use_query_lora"):
+        reopened.configure(use_query_lora="no")
     other = make(tiny_llama_other, tmp_path / "o", max_doc_tokens=32)
     other.add(TOPIC_DOCS[:2])
     with pytest.raises(ModelMismatchError):

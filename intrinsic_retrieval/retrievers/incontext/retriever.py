@@ -74,9 +74,14 @@ class InContextSearchOptions(SearchOptions):
     block_docs: int = 64
     attention_backend: str = "auto"
     query_batch: int = 16
+    use_query_lora: bool = True
 
     def validate(self) -> None:
         check_choice("scoring", self.scoring, SCORINGS)
+        if not isinstance(self.use_query_lora, bool):
+            raise InvalidInputError(
+                f"use_query_lora must be True or False, got {self.use_query_lora!r}"
+            )
         check_choice("readout_tokens", self.readout_tokens, ("all", "query", "last"))
         check_choice("ssmax_count", self.ssmax_count, ("tokens", "docs"))
         check_choice("route_score", self.route_score, ROUTE_SCORES)
@@ -130,7 +135,8 @@ class InContextRetriever(StoreRetriever):
     `kv_storage` ("full", or "routing": store only what layers up to `route_layer` need and
     recompute the routed blocks' later layers at query time, `recompute_cache_docs` kept),
     `query_batch` (readout queries of one `search_batch` that share a pass over the stored
-    blocks; routing and code scoring run query by query).
+    blocks; routing and code scoring run query by query), `use_query_lora` (False: search
+    without the trained query LoRA the store holds, e.g. to compare with zero-shot).
     """
 
     name = "incontext"
@@ -170,6 +176,7 @@ class InContextRetriever(StoreRetriever):
         block_docs: int = 64,
         attention_backend: str = "auto",
         query_batch: int = 16,
+        use_query_lora: bool = True,
         prefill_batch: int = 8,
         path: str | None = None,
         chunk_size: int | str | None = None,
@@ -226,6 +233,7 @@ class InContextRetriever(StoreRetriever):
                 block_docs=block_docs,
                 attention_backend=attention_backend,
                 query_batch=query_batch,
+                use_query_lora=use_query_lora,
             )
         )
         self.prefill_batch = int(prefill_batch)
@@ -305,6 +313,7 @@ class InContextRetriever(StoreRetriever):
         self.route_layer = None if o.route_layer is None else int(o.route_layer)
         self.route_before_attend = self.kv_storage == "routing" or bool(o.route_before_attend)
         self.route_score = o.route_score
+        self.use_query_lora = o.use_query_lora
         self.ssmax = self._resolve_ssmax(o.ssmax, o.ssmax_reference)
         self._block_cache.capacity = int(o.recompute_cache_docs)
         self._null_cache.clear()
@@ -588,7 +597,7 @@ class InContextRetriever(StoreRetriever):
     def _pass(
         self, ids: torch.Tensor, docs: torch.Tensor, num_layers: int, **kw: Any
     ) -> QueryResult:
-        lora = self.query_lora
+        lora = self.query_lora if self.use_query_lora else None
         with lora.applied(self.query_projs()) if lora is not None else contextlib.nullcontext():
             return self._plain_pass(ids, docs, num_layers, **kw)
 
