@@ -256,6 +256,11 @@ def test_query_lora_moves_between_indexes_of_the_same_model(
     with pytest.raises(ModelMismatchError):
         other.load_query_lora(tmp_path / "lora.safetensors")
     assert other.query_lora is None and "query_lora" not in other.store.aux_names()
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))  # no metadata
+    with pytest.raises(ModelMismatchError):
+        fresh.load_query_lora(tmp_path / "other.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(InvalidInputError, match="safetensors"):
         fresh.load_query_lora(tmp_path / "bad.safetensors")

@@ -561,10 +561,11 @@ class InContextRetriever(StoreRetriever):
         """A stored query LoRA as an update for this model; `ModelMismatchError` when it is
         not one, or was made for another model or shape."""
         if meta.get("format") != QUERY_LORA_FORMAT or not {"lora_a", "lora_b"} <= set(tensors):
-            raise ModelMismatchError(where, expected=QUERY_LORA_FORMAT, found=meta.get("format"))
+            found = str(meta.get("format", "no format"))
+            raise ModelMismatchError(where, expected=QUERY_LORA_FORMAT, found=found)
         model = model_fingerprint(self.model)
         if meta.get("model") != model:
-            raise ModelMismatchError(where, expected=model, found=meta.get("model"))
+            raise ModelMismatchError(where, expected=model, found=str(meta.get("model")))
         check_low_rank(self.query_projs(), tensors["lora_a"], tensors["lora_b"], where)
         return LowRankUpdate(tensors["lora_a"], tensors["lora_b"]).requires_grad_(False)
 
