@@ -247,7 +247,13 @@ def evaluate(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             ic.search(q, k=10)
             whole.append(time.perf_counter() - t0)
-    head = result_head(__file__, "rerank_scifact", "Second stages on the full SciFact corpus")
+    trained = "incontext" in stores and stores["incontext"].query_lora is not None
+    head = result_head(
+        __file__,
+        "rerank_scifact_trained" if trained else "rerank_scifact",
+        "Second stages on the full SciFact corpus"
+        + (": in-context zero-shot and with a trained query LoRA" if trained else ""),
+    )
     notes = [
         f"{len(data.corpus)} documents, {len(data.judged_queries())} test queries; one process, "
         "batch size 1; latency is the median per query, per stage in milliseconds",
