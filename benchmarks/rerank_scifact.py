@@ -23,6 +23,9 @@ what int8 K/V costs the in-context second stage against float16 on the same cand
 `--ic-query-lora` loads a query LoRA trained on another index of the same model
 (`InContextRetriever.save_query_lora`, e.g. from `train_incontext_scifact.py`'s store) into the
 in-context store before `eval`: trained once on a sample, used on the whole corpus.
+`--phase fit-incontext` then trains that LoRA further for the reranker's own task (each
+training query over its positives and BM25's top `--fit-candidates` of the whole corpus) for
+`--fit-minutes`; `eval` notes the training it had.
 """
 
 from __future__ import annotations
@@ -124,7 +127,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared/data/scifact"))
     ap.add_argument("--workdir", default=str(ROOT.parent / "stores/rerank_scifact"))
-    ap.add_argument("--phase", choices=["build", "eval", "int8", "dev"], required=True)
+    ap.add_argument(
+        "--phase", choices=["build", "fit-incontext", "eval", "int8", "dev"], required=True
+    )
     ap.add_argument("--retrievers", default="bm25,dense,incontext,intra")
     ap.add_argument("--intra-epochs", type=int, default=1)
     ap.add_argument("--candidates", default="50,100", help="first-stage depths to rerank")
@@ -151,8 +156,53 @@ def main() -> None:
         "--dev-configs", help="dev: run only these DEV_CONFIGS (indices), adding to --out's rows"
     )
     ap.add_argument("--out", default=str(HERE / "results/rerank_scifact.json"))
+    ap.add_argument("--fit-minutes", type=float, default=15.0, help="fit-incontext time budget")
+    ap.add_argument("--fit-candidates", type=int, default=50, help="fit-incontext set size")
     args = ap.parse_args()
-    {"build": build, "eval": evaluate, "int8": int8_cost, "dev": dev}[args.phase](args)
+    phases = {"build": build, "fit-incontext": fit_incontext, "eval": evaluate}
+    {**phases, "int8": int8_cost, "dev": dev}[args.phase](args)
+
+
+def fit_incontext(args: argparse.Namespace) -> None:
+    """Train the full-corpus in-context store's query LoRA for the reranker's own task: each
+    SciFact training query attends over its positives and BM25's best `--fit-candidates` other
+    documents of the whole corpus (exactly a BM25 top-k second stage), for `--fit-minutes` at
+    most. Starts from the store's LoRA (or `--ic-query-lora`) when there is one."""
+    from intrinsic_retrieval import load_retriever
+    from intrinsic_retrieval.eval import load_beir
+
+    work = Path(args.workdir)
+    ic = load_retriever(work / "incontext")
+    if args.ic_query_lora:
+        ic.load_query_lora(args.ic_query_lora)
+    train = load_beir(args.dataset, split="train")
+    queries = {q: train.queries[q] for q in train.qrels if q in train.queries}
+    t0 = time.perf_counter()
+    report = ic.fit(
+        queries,
+        train.qrels,
+        objective="readout",
+        candidates=args.fit_candidates,
+        hard_negatives=args.fit_candidates,
+        lr=1e-3,
+        temperature=0.05,
+        batch_size=4,
+        epochs=1,
+        time_limit_s=60 * args.fit_minutes,
+        checkpoint_dir=str(work / "incontext.fit"),
+        checkpoint_every=25,
+    )
+    log = json.loads((work / "build.json").read_text())
+    log["incontext"]["fit"] = {
+        "seconds": time.perf_counter() - t0,
+        "steps": report.steps,
+        "examples": report.num_examples,
+        "started_from": args.ic_query_lora or "the store's LoRA, if any",
+        "candidates": args.fit_candidates,
+        "completed": report.completed,
+    }
+    (work / "build.json").write_text(json.dumps(log, indent=2))
+    print(json.dumps(log["incontext"]["fit"]), flush=True)
 
 
 def _ready(work: Path, name: str, n_docs: int) -> bool:
@@ -248,11 +298,13 @@ def evaluate(args: argparse.Namespace) -> None:
             ic.search(q, k=10)
             whole.append(time.perf_counter() - t0)
     trained = "incontext" in stores and stores["incontext"].query_lora is not None
+    fitted = trained and "fit" in build_log.get("incontext", {})
     head = result_head(
         __file__,
         "rerank_scifact_trained" if trained else "rerank_scifact",
         "Second stages on the full SciFact corpus"
-        + (": in-context zero-shot and with a trained query LoRA" if trained else ""),
+        + (": in-context zero-shot and with a trained query LoRA" if trained else "")
+        + (", further trained on the full corpus's BM25 candidates" if fitted else ""),
     )
     notes = [
         f"{len(data.corpus)} documents, {len(data.judged_queries())} test queries; one process, "
@@ -269,6 +321,11 @@ def evaluate(args: argparse.Namespace) -> None:
                 "zero-shot readout"
                 if ic.query_lora is None
                 else f"trained query LoRA ({args.ic_query_lora or 'the store holds it'})"
+            )
+            + (
+                f"; then trained on the full corpus by --phase fit-incontext: {fit}"
+                if (fit := build_log["incontext"].get("fit"))
+                else ""
             )
             + (
                 "; its store holds the full corpus (built by the full run): a second stage "
