@@ -245,7 +245,8 @@ def evaluate(args: argparse.Namespace) -> None:
     ic_configs: list[tuple[str, dict[str, Any], bool]] = [("", {}, True)]
     if args.ic_options:
         ic_configs = [("", {}, False), (f", {args.ic_label}", json.loads(args.ic_options), True)]
-    if "incontext" in stores and stores["incontext"].query_lora is not None:
+    trained = "incontext" in stores and stores["incontext"].query_lora is not None
+    if trained:
         suffix, options, _ = ic_configs[-1]  # zero-shot beside trained, on the same store
         ic_configs = [
             (f"{suffix}, zero-shot", {**options, "use_query_lora": False}, False),
@@ -297,7 +298,6 @@ def evaluate(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             ic.search(q, k=10)
             whole.append(time.perf_counter() - t0)
-    trained = "incontext" in stores and stores["incontext"].query_lora is not None
     fitted = trained and "fit" in build_log.get("incontext", {})
     head = result_head(
         __file__,
