@@ -88,9 +88,13 @@ def build(args: argparse.Namespace) -> None:
     log: dict[str, Any] = (
         json.loads((work / "build.json").read_text()) if (work / "build.json").exists() else {}
     )
+    ic_build = json.loads(args.ic_build)
     for name in args.retrievers.split(","):
         path = work / name
-        options = {**STORES[name], **(json.loads(args.ic_build) if name == "incontext" else {})}
+        options = {**STORES[name], **(ic_build if name == "incontext" else {})}
+        built = log.get(name, {}).get("options")
+        if (path / "manifest.json").exists() and built is not None and built != options:
+            sys.exit(f"{path} was built with {built}, not {options}: use another --workdir")
         r = (
             load_retriever(path)
             if (path / "manifest.json").exists()
@@ -99,6 +103,7 @@ def build(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         added = r.add(docs, on_duplicate="skip")
         entry = log.setdefault(name, {"index_seconds": 0.0})
+        entry.setdefault("options", options)
         entry["index_seconds"] += time.perf_counter() - t0
         entry["documents"] = len({d.id for d in docs})
         print(f"[{name}] indexed {len(added)} new documents", flush=True)
@@ -166,8 +171,9 @@ def main() -> None:
 def fit_incontext(args: argparse.Namespace) -> None:
     """Train the full-corpus in-context store's query LoRA for the reranker's own task: each
     SciFact training query attends over its positives and BM25's best `--fit-candidates` other
-    documents of the whole corpus (exactly a BM25 top-k second stage), for `--fit-minutes` at
-    most. Starts from the store's LoRA (or `--ic-query-lora`) when there is one."""
+    documents of the whole corpus (a BM25 top-k second stage's candidates, with the positives
+    always in), for `--fit-minutes` at most. Starts from the store's LoRA (or
+    `--ic-query-lora`) when there is one."""
     from intrinsic_retrieval import load_retriever
     from intrinsic_retrieval.eval import load_beir
 
@@ -175,6 +181,7 @@ def fit_incontext(args: argparse.Namespace) -> None:
     ic = load_retriever(work / "incontext")
     if args.ic_query_lora:
         ic.load_query_lora(args.ic_query_lora)
+    start = ic.query_lora  # fit continues from it at its own rank
     train = load_beir(args.dataset, split="train")
     queries = {q: train.queries[q] for q in train.qrels if q in train.queries}
     t0 = time.perf_counter()
@@ -182,6 +189,7 @@ def fit_incontext(args: argparse.Namespace) -> None:
         queries,
         train.qrels,
         objective="readout",
+        lora_rank=start.rank if start is not None else 8,
         candidates=args.fit_candidates,
         hard_negatives=args.fit_candidates,
         lr=1e-3,
@@ -197,7 +205,9 @@ def fit_incontext(args: argparse.Namespace) -> None:
         "seconds": time.perf_counter() - t0,
         "steps": report.steps,
         "examples": report.num_examples,
-        "started_from": args.ic_query_lora or "the store's LoRA, if any",
+        "started_from": (
+            "a new LoRA" if start is None else args.ic_query_lora or "the store's LoRA"
+        ),
         "candidates": args.fit_candidates,
         "completed": report.completed,
     }
@@ -230,6 +240,8 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.reuse_incontext:  # a store of a larger corpus: rerank reads the candidates only
         stores["incontext"] = load_retriever(args.reuse_incontext, show_progress=False)
     if args.ic_query_lora and "incontext" in stores:  # trained elsewhere, same model
+        if "fit" in json.loads((work / "build.json").read_text()).get("incontext", {}):
+            sys.exit("--ic-query-lora would replace the LoRA --phase fit-incontext trained here")
         stores["incontext"].load_query_lora(args.ic_query_lora)
     print(f"stores ready: {sorted(stores)}", flush=True)
     check = not args.reuse_incontext
@@ -324,7 +336,7 @@ def evaluate(args: argparse.Namespace) -> None:
             )
             + (
                 f"; then trained on the full corpus by --phase fit-incontext: {fit}"
-                if (fit := build_log["incontext"].get("fit"))
+                if (fit := build_log.get("incontext", {}).get("fit"))
                 else ""
             )
             + (

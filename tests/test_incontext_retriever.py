@@ -259,7 +259,7 @@ def test_query_lora_moves_between_indexes_of_the_same_model(
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))  # no metadata
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(InvalidInputError, match="not an in-context query LoRA"):
         fresh.load_query_lora(tmp_path / "other.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(InvalidInputError, match="safetensors"):

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from ...chunking import Spanner, tokenizer_spans
 from ...errors import InvalidInputError, ModelMismatchError, NotTrainedError, StoreError
@@ -30,7 +29,7 @@ from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
 from ...models.query_lora import LowRankUpdate, check_low_rank
 from ...models.trie import PrefixTrie
 from ...store import EncodedChunkStore, TensorSpec
-from ...store.shards import atomic_write_bytes
+from ...store.shards import write_safetensors
 from ...training import FitReport
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
@@ -538,14 +537,16 @@ class InContextRetriever(StoreRetriever):
 
     def set_query_lora(self, update: LowRankUpdate | None) -> None:
         """Install (and persist in the store) a trained query-side LoRA, or remove it."""
-        self.query_lora = update
-        self._null_cache.clear()
         if update is None:
             if QUERY_LORA_AUX in self.store.aux_names():
                 self.store.delete_aux(QUERY_LORA_AUX)
-            return
-        meta = {"format": QUERY_LORA_FORMAT, "model": model_fingerprint(self.model)}
-        self.store.put_aux(QUERY_LORA_AUX, update.state(), meta)
+        else:
+            self.store.put_aux(QUERY_LORA_AUX, update.state(), self._query_lora_meta())
+        self.query_lora = update  # after the write: a failed write leaves search as it was
+        self._null_cache.clear()
+
+    def _query_lora_meta(self) -> dict[str, str]:
+        return {"format": QUERY_LORA_FORMAT, "model": model_fingerprint(self.model)}
 
     def _load_query_lora(self) -> None:
         """The store's query LoRA, refused when it was trained on another model."""
@@ -576,14 +577,14 @@ class InContextRetriever(StoreRetriever):
         query side, so it needs no re-encoding wherever it goes."""
         if self.query_lora is None:
             raise NotTrainedError("no query LoRA to save: fit(objective='readout') first")
-        meta = {"format": QUERY_LORA_FORMAT, "model": model_fingerprint(self.model)}
-        atomic_write_bytes(Path(path), save_safetensors(self.query_lora.state(), metadata=meta))
+        write_safetensors(Path(path), self.query_lora.state(), self._query_lora_meta())
 
     def load_query_lora(self, path: str | PathLike[str]) -> None:
         """Use a query LoRA saved with `save_query_lora` and write it into this store (it reloads
-        with it). `InvalidInputError` when there is no such file or it is not safetensors;
-        `ModelMismatchError` when it is not a query LoRA or was trained for another model. A
-        refused file leaves the store as it was."""
+        with it; unlike INTRA's `load_head`, which installs in memory only). `InvalidInputError`
+        when there is no such file or it is not a query LoRA; `ModelMismatchError` when it was
+        trained for another model. A refused file leaves the store as it was. The file is bound
+        to the model only: use it with the query-time options it was trained with."""
         path = Path(path)
         if not path.is_file():
             raise InvalidInputError(f"no query LoRA file at {path}")
@@ -593,6 +594,8 @@ class InContextRetriever(StoreRetriever):
             tensors = load_safetensors(str(path))
         except Exception as exc:  # safetensors raises its own error types for a bad file
             raise InvalidInputError(f"{path} is not a safetensors file: {exc}") from None
+        if meta.get("format") != QUERY_LORA_FORMAT:
+            raise InvalidInputError(f"{path} is not an in-context query LoRA (save_query_lora)")
         self.set_query_lora(self._checked_query_lora(tensors, meta, str(path)))
 
     def _pass(
