@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import InvalidInputError, ModelMismatchError, UnsupportedArchitectureError
@@ -344,16 +344,14 @@ def save_memory_adapters(model: nn.Module, path: Path, meta: dict[str, Any]) -> 
 def load_memory_adapters(model: nn.Module, path: Path, *, base: str | None = None) -> dict:
     """Install adapters saved by `save_memory_adapters`; refuses ones fitted for another base
     model (`base`: the digest recorded at fit time) or with other shapes."""
-    from safetensors import safe_open
+    from ..store.shards import read_safetensors
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    tensors, meta = read_safetensors(path)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ModelMismatchError(path, expected=ADAPTER_FORMAT, found=str(meta.get("format")))
     info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
     if base is not None and info.get("base") not in (None, base):
         raise ModelMismatchError(path, expected=base, found=str(info.get("base")))
-    tensors = load_file(str(path))
     with torch.no_grad():
         for i, layer in enumerate(_decoder_layers(model)):
             proj = layer.self_attn.memory_proj

@@ -174,6 +174,17 @@ def write_safetensors(
     return info
 
 
+def read_safetensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A standalone safetensors file's tensors and metadata, in one open (small files such as
+    heads, adapters and LoRAs; store shards are memory-mapped by `mmap_safetensors`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        names = f.keys()
+        return {name: f.get_tensor(name) for name in names}, meta
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file as load_safetensors
 
 from ...chunking import Spanner, tokenizer_spans
 from ...errors import InvalidInputError, ModelMismatchError, NotTrainedError, StoreError
@@ -29,7 +27,7 @@ from ...models.loading import gemma3_gguf_path, load_model, smollm2_gguf_path
 from ...models.query_lora import LowRankUpdate, check_low_rank
 from ...models.trie import PrefixTrie
 from ...store import EncodedChunkStore, TensorSpec
-from ...store.shards import write_safetensors
+from ...store.shards import read_safetensors, write_safetensors
 from ...training import FitReport
 from ...types import Chunk, Document
 from ..base import Ranked, StoreRetriever
@@ -589,9 +587,7 @@ class InContextRetriever(StoreRetriever):
         if not path.is_file():
             raise InvalidInputError(f"no query LoRA file at {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-            tensors = load_safetensors(str(path))
+            tensors, meta = read_safetensors(path)
         except Exception as exc:  # safetensors raises its own error types for a bad file
             raise InvalidInputError(f"{path} is not a safetensors file: {exc}") from None
         if meta.get("format") != QUERY_LORA_FORMAT:

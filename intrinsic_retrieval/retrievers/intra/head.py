@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ...errors import InvalidInputError, ModelMismatchError, StoreCorruptedError
@@ -125,14 +125,12 @@ class RetrievalHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | PathLike[str]) -> RetrievalHead:
-        from safetensors import safe_open
+        from ...store.shards import read_safetensors
 
         path = Path(path)
         if not path.exists():
             raise InvalidInputError(f"no retrieval head at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        return cls.from_state(load_file(str(path)), meta)
+        return cls.from_state(*read_safetensors(path))
 
     def check(
         self,
