@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import InvalidInputError, ModelMismatchError, UnsupportedArchitectureError
@@ -333,12 +332,10 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_memory_adapters(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     """Write the adapters (safetensors, atomic) with `meta` (base-model digest, fit statistics)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    from ..store.shards import write_safetensors
+
     metadata = {"format": ADAPTER_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-    save_file(adapter_state(model), str(tmp), metadata=metadata)
-    tmp.replace(path)
+    write_safetensors(Path(path), adapter_state(model), metadata)
 
 
 def load_memory_adapters(model: nn.Module, path: Path, *, base: str | None = None) -> dict:

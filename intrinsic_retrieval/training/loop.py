@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
+from ..store.shards import write_safetensors
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -158,8 +159,7 @@ def train(
                     best, best_step, bad_evals = r1, step, 0
                     best_state = trainable_state(modules)
                     if ckpt_dir is not None:
-                        ckpt_dir.mkdir(parents=True, exist_ok=True)
-                        save_file(best_state, ckpt_dir / "best.safetensors")
+                        write_safetensors(ckpt_dir / "best.safetensors", best_state)
                 else:
                     bad_evals += 1
                 if config.patience is not None and bad_evals >= config.patience:

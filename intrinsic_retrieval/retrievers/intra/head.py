@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ...errors import InvalidInputError, ModelMismatchError, StoreCorruptedError
@@ -106,8 +105,11 @@ class RetrievalHead(nn.Module):
         return {"format": _FORMAT, "trained": json.dumps(self.trained), **self.binding}
 
     def save(self, path: str | PathLike[str]) -> None:
-        """Write the head to a standalone safetensors file."""
-        save_file(self.state(), str(path), metadata=self.meta())
+        """Write the head to a standalone safetensors file (atomically: a crash mid-write
+        leaves any earlier file whole)."""
+        from ...store.shards import write_safetensors
+
+        write_safetensors(Path(path), self.state(), self.meta())
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RetrievalHead:
