@@ -210,16 +210,15 @@ def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, in
     return rows
 
 
-def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
-    """Encoder over the query, MaxSim scan of every pooled vector (C0), decoder pass over C0,
-    Reverse-QWK scoring of every pooled vector. Decoder FLOPs: its layers' weights over its own
-    tokens (start, query, m retrieval tokens), and per layer over the memory (C0's stored token
-    states): the K/V projections (memory adapter folded in) and the merged attention. The LM
-    head does not run."""
+def intra_flops(r: Any, queries: list[str]) -> dict[str, float]:
+    """FLOPs per query of each INTRA phase, from the shapes the searches use: the encoder over
+    the query, the MaxSim scan of every pooled vector (C0), the decoder pass over C0 and the
+    Reverse-QWK scoring of every pooled vector. Decoder: its layers' weights over its own
+    tokens (start, query, m retrieval tokens), and per layer over the memory (C0's stored
+    token states) the K/V projections (memory adapter folded in) and the merged attention. The
+    LM head does not run."""
     live_rows = r.store.live_rows()
     live = int(live_rows.numel())
-    pooled = r.pooled_vectors()
-    elem = pooled.element_size()
     tq = statistics.mean(int(r.encode_states([q])[0].shape[0]) for q in queries[:5])
     enc_w = _nonembedding_params(r.arch.encoder())
     decoder_module = r.arch.decoder()
@@ -229,20 +228,29 @@ def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
     heads, layers = int(cfg.num_attention_heads), len(r.layers)
     kv_width = int(r.layers[0].weight.shape[0])  # KV heads x head_dim
     hd = int(r.layers[0].head_dim)
-    scan = 2 * tq * live * r.p * r.dim
-    folded = layers * heads * r.m
     memory = r.k0 * float(r.store.varlen_lengths("states")[live_rows].float().mean())
     td = statistics.mean(len(r.decoder_prefix(q)) for q in queries) + r.m
     per_layer = (
         2 * memory * int(cfg.hidden_size) * 2 * kv_width  # cross K and V projections
         + 4 * heads * td * (td + memory) * hd  # merged attention, QK and PV
     )
-    decoder = 2 * dec_w * td + layers * per_layer
-    score = 2 * folded * live * r.p * r.dim
+    return {
+        "encoder": 2 * enc_w * tq,
+        "C0 scan": 2 * tq * live * r.p * r.dim,
+        "decoder": 2 * dec_w * td + layers * per_layer,
+        "scoring": 2 * layers * heads * r.m * live * r.p * r.dim,
+    }
+
+
+def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
+    """The encoder stage alone and the full pass (`intra_flops`)."""
+    live = int(r.store.live_rows().numel())
+    elem = r.pooled_vectors().element_size()
+    flops = intra_flops(r, queries)
     rows = []
     with r.using(mode="encoder"):
         enc_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
-        f = 2 * enc_w * tq + scan
+        f = flops["encoder"] + flops["C0 scan"]
         rows.append(
             _row(
                 f"INTRA encoder stage (scan of {live} chunks)",
@@ -254,7 +262,7 @@ def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
         )
         rows[-1].update(_batch_ratio(r, queries, enc_s))
     full_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
-    f = 2 * enc_w * tq + scan + decoder + score
+    f = sum(flops.values())
     rows.append(
         _row(
             "INTRA full pass (C0 scan, decoder, Reverse-QWK)",
