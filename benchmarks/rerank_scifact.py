@@ -23,6 +23,9 @@ what int8 K/V costs the in-context second stage against float16 on the same cand
 `--ic-query-lora` loads a query LoRA trained on another index of the same model
 (`InContextRetriever.save_query_lora`, e.g. from `train_incontext_scifact.py`'s store) into the
 in-context store before `eval`: trained once on a sample, used on the whole corpus.
+`--intra-head` does the same for INTRA at build time: a retrieval head saved with
+`IntraRetriever.save_head` from another index of the same model and recipe (e.g. the
+1,000-document store of `eval_intra_scifact.py`) is stored instead of fitting one here.
 `--phase fit-incontext` then trains that LoRA further for the reranker's own task (each
 training query over its positives and BM25's top `--fit-candidates` of the whole corpus) for
 `--fit-minutes`; `eval` notes the training it had.
@@ -107,7 +110,12 @@ def build(args: argparse.Namespace) -> None:
         entry["index_seconds"] += time.perf_counter() - t0
         entry["documents"] = len({d.id for d in docs})
         print(f"[{name}] indexed {len(added)} new documents", flush=True)
-        if name == "intra" and not entry.get("fit"):
+        if name == "intra" and args.intra_head and not entry.get("head"):
+            r.load_head(args.intra_head)  # trained on another index of the same model
+            r.save_head()  # persisted in this store (bound to it from now on)
+            entry["head"] = {"file": args.intra_head, "sha256": _sha256(args.intra_head)}
+            entry.pop("fit", None)
+        elif name == "intra" and not entry.get("fit") and not entry.get("head"):
             train = load_beir(args.dataset, split="train")
             t0 = time.perf_counter()
             report = r.fit(
@@ -126,6 +134,12 @@ def build(args: argparse.Namespace) -> None:
             r.save(path)
         r.close()
         (work / "build.json").write_text(json.dumps(log, indent=2))
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def main() -> None:
@@ -153,6 +167,11 @@ def main() -> None:
         help="a query LoRA file (InContextRetriever.save_query_lora) to load into the "
         "in-context store before evaluating",
     )
+    ap.add_argument(
+        "--intra-head",
+        help="build: a retrieval head file (IntraRetriever.save_head) trained on another index "
+        "of the same model, stored instead of fitting on the full corpus",
+    )
     ap.add_argument("--fusion-first", action="store_true", help="also rerank RRF's top 50")
     ap.add_argument("--whole-corpus-queries", type=int, default=3)
     ap.add_argument("--ic-options", help="JSON: a further in-context configuration to evaluate")
@@ -163,6 +182,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results/rerank_scifact.json"))
     ap.add_argument("--fit-minutes", type=float, default=15.0, help="fit-incontext time budget")
     ap.add_argument("--fit-candidates", type=int, default=50, help="fit-incontext set size")
+    ap.add_argument(
+        "--fit-hard",
+        type=int,
+        help="fit-incontext: BM25 hard negatives per set (default: all of --fit-candidates; "
+        "the rest are random documents)",
+    )
+    ap.add_argument("--fit-lr", type=float, default=1e-3, help="fit-incontext learning rate")
     args = ap.parse_args()
     phases = {"build": build, "fit-incontext": fit_incontext, "eval": evaluate}
     {**phases, "int8": int8_cost, "dev": dev}[args.phase](args)
@@ -170,9 +196,10 @@ def main() -> None:
 
 def fit_incontext(args: argparse.Namespace) -> None:
     """Train the full-corpus in-context store's query LoRA for the reranker's own task: each
-    SciFact training query attends over its positives and BM25's best `--fit-candidates` other
-    documents of the whole corpus (a BM25 top-k second stage's candidates, with the positives
-    always in), for `--fit-minutes` at most. Starts from the store's LoRA (or
+    SciFact training query attends over its positives and `--fit-candidates` other documents
+    of the whole corpus: BM25's best `--fit-hard` (all of them by default: a BM25 top-k second
+    stage's candidates, with the positives always in), the rest drawn at random, for
+    `--fit-minutes` at most. Starts from the store's LoRA (or
     `--ic-query-lora`) when there is one."""
     from intrinsic_retrieval import load_retriever
     from intrinsic_retrieval.eval import load_beir
@@ -184,6 +211,7 @@ def fit_incontext(args: argparse.Namespace) -> None:
     start = ic.query_lora  # fit continues from it at its own rank
     train = load_beir(args.dataset, split="train")
     queries = {q: train.queries[q] for q in train.qrels if q in train.queries}
+    hard = args.fit_candidates if args.fit_hard is None else args.fit_hard
     t0 = time.perf_counter()
     report = ic.fit(
         queries,
@@ -191,8 +219,8 @@ def fit_incontext(args: argparse.Namespace) -> None:
         objective="readout",
         lora_rank=start.rank if start is not None else 8,
         candidates=args.fit_candidates,
-        hard_negatives=args.fit_candidates,
-        lr=1e-3,
+        hard_negatives=hard,
+        lr=args.fit_lr,
         temperature=0.05,
         batch_size=4,
         epochs=1,
@@ -209,17 +237,30 @@ def fit_incontext(args: argparse.Namespace) -> None:
             "a new LoRA" if start is None else args.ic_query_lora or "the store's LoRA"
         ),
         "candidates": args.fit_candidates,
+        "hard_negatives": hard,
+        "lr": args.fit_lr,
         "completed": report.completed,
     }
     (work / "build.json").write_text(json.dumps(log, indent=2))
     print(json.dumps(log["incontext"]["fit"]), flush=True)
 
 
+def _fit_sets(build_log: dict[str, Any]) -> str:
+    """What `--phase fit-incontext` trained on (records before --fit-hard: hard negatives only)."""
+    fit = build_log["incontext"]["fit"]
+    hard = fit.get("hard_negatives", fit["candidates"])
+    sets = f"positives + {hard} BM25 negatives"
+    if fit["candidates"] > hard:
+        sets += f" + {fit['candidates'] - hard} random"
+    return f"{sets}, lr {fit.get('lr', 1e-3):g}"
+
+
 def _ready(work: Path, name: str, n_docs: int) -> bool:
     """Whether the build finished `name` (every document stored, INTRA trained)."""
     log = json.loads((work / "build.json").read_text()) if (work / "build.json").exists() else {}
     entry = log.get(name, {})
-    return entry.get("documents") == n_docs and (name != "intra" or "fit" in entry)
+    trained = "fit" in entry or "head" in entry
+    return entry.get("documents") == n_docs and (name != "intra" or trained)
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -235,7 +276,7 @@ def evaluate(args: argparse.Namespace) -> None:
     stores = {
         n: load_retriever(work / n, show_progress=False)
         for n in STORES
-        if _ready(work, n, len(data.corpus))
+        if n in args.retrievers.split(",") and _ready(work, n, len(data.corpus))
     }
     if args.reuse_incontext:  # a store of a larger corpus: rerank reads the candidates only
         stores["incontext"] = load_retriever(args.reuse_incontext, show_progress=False)
@@ -273,6 +314,14 @@ def evaluate(args: argparse.Namespace) -> None:
         if "intra" in stores:
             r = Rerank(stores["bm25"], stores["intra"], candidates=n)
             contenders.append((f"BM25 top-{n} -> INTRA", r, {}))
+    # the INTRA paper's hybrid: RRF of the first stage and its reranking (any second stage)
+    # (at the first depth; in-context in its last configuration only)
+    n = depths[0]
+    for label, r, options in list(contenders):
+        last = r.second is not stores.get("incontext") or options == ic_configs[-1][1]
+        if label.startswith(f"BM25 top-{n} -> ") and last:
+            hybrid = Fusion([stores["bm25"], r], depth=n)
+            contenders.append((f"RRF(BM25, {label})", hybrid, options))
     if "incontext" in stores and "dense" in stores and args.fusion_first:
         rrf = Fusion([stores["bm25"], stores["dense"]], depth=100)
         suffix, options, _ = ic_configs[-1]
@@ -311,12 +360,14 @@ def evaluate(args: argparse.Namespace) -> None:
             ic.search(q, k=10)
             whole.append(time.perf_counter() - t0)
     fitted = trained and "fit" in build_log.get("incontext", {})
+    intra_head = "head" in build_log.get("intra", {}) and "intra" in stores
     head = result_head(
         __file__,
         "rerank_scifact_trained" if trained else "rerank_scifact",
         "Second stages on the full SciFact corpus"
         + (": in-context zero-shot and with a trained query LoRA" if trained else "")
-        + (", further trained on the full corpus's BM25 candidates" if fitted else ""),
+        + (f", further trained on the full corpus ({_fit_sets(build_log)})" if fitted else "")
+        + (": INTRA with a head trained on a document sample" if intra_head else ""),
     )
     notes = [
         f"{len(data.corpus)} documents, {len(data.judged_queries())} test queries; one process, "
@@ -347,12 +398,22 @@ def evaluate(args: argparse.Namespace) -> None:
             )
         )
     if "intra" in stores:
-        fit = build_log["intra"]["fit"]
+        intra, entry = stores["intra"], build_log["intra"]
+        if "head" in entry:
+            trained_on = (
+                f"retrieval head loaded from {entry['head']['file']} (trained on another index "
+                f"of the same model; rank-{intra.head.lora_rank} query LoRA)"
+            )
+        else:
+            fit = entry["fit"]
+            trained_on = (
+                f"retrieval head trained on SciFact's training queries over this index "
+                f"({fit['examples']} examples, {fit['epochs']} epoch(s), "
+                f"{fit['seconds'] / 60:.0f} min, rank-8 query LoRA, softmax over 1,024 chunks)"
+            )
         notes.append(
-            f"INTRA: Gemma 3 270M as T5Gemma2, retrieval head trained on SciFact's training "
-            f"queries ({fit['examples']} examples, {fit['epochs']} epoch(s), "
-            f"{fit['seconds'] / 60:.0f} min, rank-8 query LoRA, softmax over 1,024 chunks); "
-            "C0 = the first stage's top k0=4"
+            f"INTRA: Gemma 3 270M as T5Gemma2, {intra.store_dtype} encoder states, "
+            f"{trained_on}; C0 = the first stage's top k0={intra.k0}"
         )
     if whole:
         notes.append(
