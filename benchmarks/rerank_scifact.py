@@ -110,10 +110,13 @@ def build(args: argparse.Namespace) -> None:
         entry["index_seconds"] += time.perf_counter() - t0
         entry["documents"] = len({d.id for d in docs})
         print(f"[{name}] indexed {len(added)} new documents", flush=True)
-        if name == "intra" and args.intra_head and not entry.get("head"):
+        digest = _sha256(args.intra_head) if name == "intra" and args.intra_head else None
+        if digest and entry.get("head", {}).get("sha256") != digest:
             r.load_head(args.intra_head)  # trained on another index of the same model
+            if not r.trained:
+                sys.exit(f"{args.intra_head} holds an untrained head")
             r.save_head()  # persisted in this store (bound to it from now on)
-            entry["head"] = {"file": args.intra_head, "sha256": _sha256(args.intra_head)}
+            entry["head"] = {"file": args.intra_head, "sha256": digest}
             entry.pop("fit", None)
         elif name == "intra" and not entry.get("fit") and not entry.get("head"):
             train = load_beir(args.dataset, split="train")
@@ -130,6 +133,7 @@ def build(args: argparse.Namespace) -> None:
                 "steps": report.steps,
                 "examples": report.num_examples,
                 "epochs": args.intra_epochs,
+                **INTRA_FIT,
             }
             r.save(path)
         r.close()
@@ -185,8 +189,8 @@ def main() -> None:
     ap.add_argument(
         "--fit-hard",
         type=int,
-        help="fit-incontext: BM25 hard negatives per set (default: all of --fit-candidates; "
-        "the rest are random documents)",
+        help="fit-incontext: BM25 hard negatives per set (default: all of --fit-candidates); "
+        "random documents fill the set up to --fit-candidates with the positives",
     )
     ap.add_argument("--fit-lr", type=float, default=1e-3, help="fit-incontext learning rate")
     args = ap.parse_args()
@@ -196,10 +200,10 @@ def main() -> None:
 
 def fit_incontext(args: argparse.Namespace) -> None:
     """Train the full-corpus in-context store's query LoRA for the reranker's own task: each
-    SciFact training query attends over its positives and `--fit-candidates` other documents
-    of the whole corpus: BM25's best `--fit-hard` (all of them by default: a BM25 top-k second
-    stage's candidates, with the positives always in), the rest drawn at random, for
-    `--fit-minutes` at most. Starts from the store's LoRA (or
+    SciFact training query attends over a set of `--fit-candidates` documents of the whole
+    corpus: its positives, BM25's best `--fit-hard` others (by default as many as fill the set:
+    a BM25 top-k second stage's candidates, with the positives always in), then random
+    documents up to the set size; for `--fit-minutes` at most. Starts from the store's LoRA (or
     `--ic-query-lora`) when there is one."""
     from intrinsic_retrieval import load_retriever
     from intrinsic_retrieval.eval import load_beir
@@ -249,9 +253,9 @@ def _fit_sets(build_log: dict[str, Any]) -> str:
     """What `--phase fit-incontext` trained on (records before --fit-hard: hard negatives only)."""
     fit = build_log["incontext"]["fit"]
     hard = fit.get("hard_negatives", fit["candidates"])
-    sets = f"positives + {hard} BM25 negatives"
+    sets = f"sets of {fit['candidates']}: positives + {hard} BM25 negatives"
     if fit["candidates"] > hard:
-        sets += f" + {fit['candidates'] - hard} random"
+        sets += " + random documents to fill"
     return f"{sets}, lr {fit.get('lr', 1e-3):g}"
 
 
@@ -285,6 +289,8 @@ def evaluate(args: argparse.Namespace) -> None:
             sys.exit("--ic-query-lora would replace the LoRA --phase fit-incontext trained here")
         stores["incontext"].load_query_lora(args.ic_query_lora)
     print(f"stores ready: {sorted(stores)}", flush=True)
+    if "bm25" not in stores:
+        sys.exit(f"eval needs the BM25 store (the first stage): build it in {work}")
     check = not args.reuse_incontext
     build_log = json.loads((work / "build.json").read_text())
     # (label, retriever, in-context query-time options in force while it runs)
@@ -318,10 +324,12 @@ def evaluate(args: argparse.Namespace) -> None:
     # (at the first depth; in-context in its last configuration only)
     n = depths[0]
     for label, r, options in list(contenders):
-        last = r.second is not stores.get("incontext") or options == ic_configs[-1][1]
-        if label.startswith(f"BM25 top-{n} -> ") and last:
-            hybrid = Fusion([stores["bm25"], r], depth=n)
-            contenders.append((f"RRF(BM25, {label})", hybrid, options))
+        if not (isinstance(r, Rerank) and label.startswith(f"BM25 top-{n} -> ")):
+            continue
+        if r.second is stores.get("incontext") and options != ic_configs[-1][1]:
+            continue
+        hybrid = Fusion([stores["bm25"], r], depth=n, check_stages=check)
+        contenders.append((f"RRF(BM25, {label})", hybrid, options))
     if "incontext" in stores and "dense" in stores and args.fusion_first:
         rrf = Fusion([stores["bm25"], stores["dense"]], depth=100)
         suffix, options, _ = ic_configs[-1]
@@ -367,7 +375,7 @@ def evaluate(args: argparse.Namespace) -> None:
         "Second stages on the full SciFact corpus"
         + (": in-context zero-shot and with a trained query LoRA" if trained else "")
         + (f", further trained on the full corpus ({_fit_sets(build_log)})" if fitted else "")
-        + (": INTRA with a head trained on a document sample" if intra_head else ""),
+        + ("; INTRA with a head trained on another index" if intra_head else ""),
     )
     notes = [
         f"{len(data.corpus)} documents, {len(data.judged_queries())} test queries; one process, "
@@ -400,16 +408,19 @@ def evaluate(args: argparse.Namespace) -> None:
     if "intra" in stores:
         intra, entry = stores["intra"], build_log["intra"]
         if "head" in entry:
+            lora = intra.head.lora_rank
             trained_on = (
                 f"retrieval head loaded from {entry['head']['file']} (trained on another index "
-                f"of the same model; rank-{intra.head.lora_rank} query LoRA)"
+                f"of the same model{f'; rank-{lora} query LoRA' if lora else ''})"
             )
         else:
             fit = entry["fit"]
+            recipe = {**INTRA_FIT, **fit}  # records before INTRA_FIT was stored used it
             trained_on = (
                 f"retrieval head trained on SciFact's training queries over this index "
                 f"({fit['examples']} examples, {fit['epochs']} epoch(s), "
-                f"{fit['seconds'] / 60:.0f} min, rank-8 query LoRA, softmax over 1,024 chunks)"
+                f"{fit['seconds'] / 60:.0f} min, rank-{recipe['lora_rank']} query LoRA, softmax "
+                f"over {recipe['n_candidates']:,} chunks)"
             )
         notes.append(
             f"INTRA: Gemma 3 270M as T5Gemma2, {intra.store_dtype} encoder states, "

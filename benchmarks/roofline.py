@@ -83,6 +83,11 @@ def _data(args: argparse.Namespace) -> Any:
     return load_beir(args.dataset, split="test").subset(args.docs, seed=0)
 
 
+def measured_queries(data: Any, n: int) -> list[str]:
+    """The first `n` judged test queries of the subset (sorted by id): every timing uses them."""
+    return [data.queries[q] for q in sorted(data.qrels)][:n]
+
+
 def build(args: argparse.Namespace) -> None:
     from intrinsic_retrieval import create_retriever, load_retriever
 
@@ -210,16 +215,17 @@ def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, in
     return rows
 
 
-def intra_flops(r: Any, queries: list[str]) -> dict[str, float]:
+def intra_flops(r: Any, queries: list[str], probe: int = 5) -> dict[str, float]:
     """FLOPs per query of each INTRA phase, from the shapes the searches use: the encoder over
     the query, the MaxSim scan of every pooled vector (C0), the decoder pass over C0 and the
     Reverse-QWK scoring of every pooled vector. Decoder: its layers' weights over its own
     tokens (start, query, m retrieval tokens), and per layer over the memory (C0's stored
-    token states) the K/V projections (memory adapter folded in) and the merged attention. The
-    LM head does not run."""
+    token states) the K/V projections (memory adapter folded in: "decoder K/V", apart because a
+    batch projects a chunk shared by several C0s once) and the merged attention. The LM head
+    does not run. Query lengths from the first `probe` queries."""
     live_rows = r.store.live_rows()
     live = int(live_rows.numel())
-    tq = statistics.mean(int(r.encode_states([q])[0].shape[0]) for q in queries[:5])
+    tq = statistics.mean(int(r.encode_states([q])[0].shape[0]) for q in queries[:probe])
     enc_w = _nonembedding_params(r.arch.encoder())
     decoder_module = r.arch.decoder()
     adapters = sum(p.numel() for n, p in decoder_module.named_parameters() if "memory_proj" in n)
@@ -230,14 +236,12 @@ def intra_flops(r: Any, queries: list[str]) -> dict[str, float]:
     hd = int(r.layers[0].head_dim)
     memory = r.k0 * float(r.store.varlen_lengths("states")[live_rows].float().mean())
     td = statistics.mean(len(r.decoder_prefix(q)) for q in queries) + r.m
-    per_layer = (
-        2 * memory * int(cfg.hidden_size) * 2 * kv_width  # cross K and V projections
-        + 4 * heads * td * (td + memory) * hd  # merged attention, QK and PV
-    )
     return {
         "encoder": 2 * enc_w * tq,
         "C0 scan": 2 * tq * live * r.p * r.dim,
-        "decoder": 2 * dec_w * td + layers * per_layer,
+        "decoder K/V": layers * 2 * memory * int(cfg.hidden_size) * 2 * kv_width,
+        # its layers over its own tokens, and the merged attention (QK and PV)
+        "decoder": 2 * dec_w * td + layers * 4 * heads * td * (td + memory) * hd,
         "scoring": 2 * layers * heads * r.m * live * r.p * r.dim,
     }
 
@@ -325,7 +329,7 @@ def measure(args: argparse.Namespace) -> None:
     from intrinsic_retrieval import load_retriever
 
     data = _data(args)
-    queries = [data.queries[q] for q in sorted(data.qrels)][: args.queries]
+    queries = measured_queries(data, args.queries)
     rates = {"sgemm_gflops": round(sgemm_gflops(), 1), "copy_gbs": round(copy_gbs(), 1)}
     print(rates, flush=True)
     rows: list[dict] = []
