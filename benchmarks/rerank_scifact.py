@@ -368,14 +368,19 @@ def evaluate(args: argparse.Namespace) -> None:
             ic.search(q, k=10)
             whole.append(time.perf_counter() - t0)
     fitted = trained and "fit" in build_log.get("incontext", {})
-    intra_head = "head" in build_log.get("intra", {}) and "intra" in stores
+    parts = []
+    if trained:
+        parts.append(
+            "in-context zero-shot and with a trained query LoRA"
+            + (f", further trained on the full corpus ({_fit_sets(build_log)})" if fitted else "")
+        )
+    if "intra" in stores:
+        where = "another index" if "head" in build_log["intra"] else "this index"
+        parts.append(f"INTRA, its head trained on {where}")
     head = result_head(
         __file__,
         "rerank_scifact_trained" if trained else "rerank_scifact",
-        "Second stages on the full SciFact corpus"
-        + (": in-context zero-shot and with a trained query LoRA" if trained else "")
-        + (f", further trained on the full corpus ({_fit_sets(build_log)})" if fitted else "")
-        + ("; INTRA with a head trained on another index" if intra_head else ""),
+        "Second stages on the full SciFact corpus" + (": " + "; ".join(parts) if parts else ""),
     )
     notes = [
         f"{len(data.corpus)} documents, {len(data.judged_queries())} test queries; one process, "
@@ -423,7 +428,8 @@ def evaluate(args: argparse.Namespace) -> None:
                 f"over {recipe['n_candidates']:,} chunks)"
             )
         notes.append(
-            f"INTRA: Gemma 3 270M as T5Gemma2, {intra.store_dtype} encoder states, "
+            f"INTRA: Gemma 3 270M as T5Gemma2, {intra.store_dtype} encoder states, chunks of "
+            f"up to max_length={intra.max_length} tokens, "
             f"{trained_on}; C0 = the first stage's top k0={intra.k0}"
         )
     if whole:

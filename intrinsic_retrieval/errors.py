@@ -139,13 +139,21 @@ class StoreVersionError(StoreError):
 class ModelMismatchError(StoreError):
     """The store (or a trained head) was made by a different model than the one given."""
 
-    def __init__(self, path: object, expected: str, found: str) -> None:
+    def __init__(
+        self,
+        path: object,
+        expected: str,
+        found: str,
+        *,
+        what: str = "model",
+        hint: str = "load the model that built it or rebuild the index",
+    ) -> None:
         self.path = str(path)
         self.expected = expected
         self.found = found
         super().__init__(
-            f"{self.path} was made by model fingerprint {found[:16]}…, but the model in use has "
-            f"fingerprint {expected[:16]}…; load the model that built it or rebuild the index"
+            f"{self.path} was made by {what} fingerprint {found[:16]}…, but the {what} in use "
+            f"has fingerprint {expected[:16]}…; {hint}"
         )
 
 

@@ -292,6 +292,11 @@ def test_bad_input(models: Path, tmp_path: Path) -> None:
     twin.save_head(tmp_path / "twin.safetensors")
     with pytest.warns(UserWarning, match="another store"):
         r.load_head(tmp_path / "twin.safetensors")
+    # same model, a store with longer chunks: another recipe, named as such
+    longer = make(models, tmp_path / "long", "t5", max_length=24, chunk_overlap=4)
+    longer.save_head(tmp_path / "long.safetensors")
+    with pytest.raises(ModelMismatchError, match=r"store recipe.*max_length"):
+        r.load_head(tmp_path / "long.safetensors")
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:

@@ -149,7 +149,14 @@ class RetrievalHead(nn.Module):
         if self.binding.get("model") not in (None, model):
             raise ModelMismatchError(where, expected=model, found=self.binding["model"])
         if self.binding.get("recipe") not in (None, recipe):
-            raise ModelMismatchError(where, expected=recipe, found=self.binding["recipe"])
+            raise ModelMismatchError(
+                where,
+                expected=recipe,
+                found=self.binding["recipe"],
+                what="store recipe",
+                hint="the head was trained on a store built with other options (pooled, "
+                "store_dtype, pooled_dtype or max_length); build this store with the same ones",
+            )
         if tuple(self.alpha.shape) != shape or self.tokens.shape[1] != dim:
             raise ModelMismatchError(
                 where,
