@@ -137,7 +137,8 @@ class StoreVersionError(StoreError):
 
 
 class ModelMismatchError(StoreError):
-    """The store (or a trained head) was made by a different model than the one given."""
+    """The store (or a trained head) was made by a different model, or with other index
+    options (its recipe), than the ones given."""
 
     def __init__(
         self,

@@ -545,7 +545,7 @@ def test_int8_store_dtype_is_part_of_the_recipe(models: Path, tmp_path: Path) ->
     r8.add(DOCS[:3])
     r16 = make(models, tmp_path / "f16", "t5", store_dtype="float16")
     r16.add(DOCS[:3])
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(ModelMismatchError, match="model and recipe"):
         make(models, tmp_path / "i8", "t5", store_dtype="float16")
     with pytest.raises(ModelMismatchError):
         make(models, tmp_path / "f16", "t5", store_dtype="int8")

@@ -307,7 +307,12 @@ class EncodedChunkStore:
             manifest = read_manifest(root)
             if fingerprint is not None and manifest["fingerprint"] != fingerprint:
                 raise ModelMismatchError(
-                    root / MANIFEST, expected=fingerprint, found=manifest["fingerprint"]
+                    root / MANIFEST,
+                    expected=fingerprint,
+                    found=manifest["fingerprint"],
+                    what="model and recipe",
+                    hint="open it with the model and index options it was built with (its "
+                    "manifest's config) or rebuild the index",
                 )
             try:
                 store = cls(root, manifest, read_only=read_only)
