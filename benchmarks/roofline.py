@@ -43,11 +43,24 @@ sys.path.insert(0, str(ROOT))
 #: index-time settings of each store (the retrievers' defaults otherwise)
 STORES: dict[str, dict[str, Any]] = {
     "incontext": {"model": "gemma3", "max_doc_tokens": 300, "store_dtype": "float16"},
+    # the same store in the layout stores had before `kv_layout` (one strided tensor per kind)
+    "incontext-token": {
+        "model": "gemma3",
+        "max_doc_tokens": 300,
+        "store_dtype": "float16",
+        "kv_layout": "token",
+    },
     "intra": {"store_dtype": "float16"},
     "dense": {},
     "generative": {"docids": "naive"},
 }
 BATCH = 32
+#: a store measured in both K/V layouts: (the other layout's store, this one's layout); the
+#: second is converted from the first (`convert_kv_layout`: same numbers, no prefill)
+LAYOUT_TWINS = {
+    "incontext": ("incontext-token", "layer"),
+    "incontext-token": ("incontext", "token"),
+}
 
 
 # ---------------------------------------------------------------- machine rates
@@ -96,10 +109,16 @@ def build(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     for name in args.retrievers.split(","):
         path = work / name
+        twin = LAYOUT_TWINS.get(name)
+        if twin is not None and (work / twin[0]).exists():  # resumes a partial conversion
+            t = time.perf_counter()
+            load_retriever(work / twin[0]).convert_kv_layout(path, twin[1])
+            print(f"{name}: converted from {twin[0]} in {time.perf_counter() - t:.0f} s")
+            continue
         r = (
             load_retriever(path)
             if path.exists()
-            else create_retriever(name, path=str(path), **STORES[name])
+            else create_retriever(name.split("-")[0], path=str(path), **STORES[name])
         )
         t = time.perf_counter()
         added = r.add(docs, on_duplicate="skip")
@@ -172,10 +191,16 @@ def _batch_ratio(r: Any, queries: list[str], single_s: float) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- per retriever
-def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, int]) -> list:
-    """Full storage (readout over every layer, calibrated), then routing at layer r to B
-    blocks; FLOPs = 4 x heads x query tokens x keys attended x head_dim per layer (QK and PV)
-    + 2 x the layers' weights x query tokens."""
+def incontext_work(
+    r: Any, queries: list[str], route: tuple[int, int] | None
+) -> tuple[float, float]:
+    """(FLOPs, bytes of stored K/V read) of one in-context query, without routing or with
+    `route` = (layer, blocks kept): 4 x heads x query tokens x keys attended x head_dim per layer
+    (QK and PV) + 2 x the layers' weights x query tokens. With routing and calibration, the
+    content-free query's continuation over the routed blocks is counted too (it runs per query).
+    """
+    from intrinsic_retrieval.retrievers.incontext.codes import NULL_QUERY
+
     a = r.arch
     live = r.store.live_rows()
     lengths = r.store.varlen_lengths("ids")[live].float()
@@ -186,32 +211,57 @@ def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, in
     tq = statistics.mean(len(r.format.query(q, r.max_query_tokens)[0]) for q in queries)
     heads = int(r.model.config.num_attention_heads)
 
-    def work(layers_tokens: list[float]) -> tuple[float, float]:
-        flops = sum(4 * heads * tq * s * a.head_dim + 2 * per_layer_w * tq for s in layers_tokens)
+    def work(layers_tokens: list[float], tokens: float = tq) -> tuple[float, float]:
+        flops = sum(
+            4 * heads * tokens * s * a.head_dim + 2 * per_layer_w * tokens for s in layers_tokens
+        )
         return flops, sum(s * kv_token for s in layers_tokens)
 
+    if route is None:
+        return work([all_tokens] * r._depth())
+    layer, top = route
+    with r.using(route_layer=layer, route_top=top):
+        depth, after = r._depth(), r._depth() - r._routed_from()
+        routed_tokens = float(lengths.mean()) * min(top, len(live))
+        flops, nbytes = work([all_tokens] * (depth - after) + [routed_tokens] * after)
+        if r.calibrate and after > 0:
+            t_null = len(r.format.query(NULL_QUERY, r.max_query_tokens)[0])
+            null_flops, null_bytes = work([routed_tokens] * after, t_null)
+            flops, nbytes = flops + null_flops, nbytes + null_bytes
+    return flops, nbytes
+
+
+def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, int]) -> list:
+    """Full storage (readout over every layer, calibrated), then routing at layer r to B
+    blocks (FLOPs and bytes: `incontext_work`)."""
+    layout = f"{r.kv_layout} layout"
+    n_blocks = len(r.store.live_rows())
     rows = []
-    depth = r._depth()
     single, _ = _median_time(lambda q: r.search(q, k=10), queries)
-    flops, nbytes = work([all_tokens] * depth)
+    flops, nbytes = incontext_work(r, queries, None)
     rows.append(
-        _row(f"in-context, {len(live)} blocks, {depth} layers", flops, nbytes, single, rates)
+        _row(
+            f"in-context, {n_blocks} blocks, {r._depth()} layers ({layout})",
+            flops,
+            nbytes,
+            single,
+            rates,
+        )
     )
     rows[-1].update(_batch_ratio(r, queries, single))
     layer, top = route
     with r.using(route_layer=layer, route_top=top):
         routed_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
-        routed_tokens = float(lengths.mean()) * min(top, len(live))
-        flops, nbytes = work([all_tokens] * (layer + 1) + [routed_tokens] * (depth - layer - 1))
-        rows.append(
-            _row(
-                f"in-context, routing at layer {layer} to {top} blocks",
-                flops,
-                nbytes,
-                routed_s,
-                rates,
-            )
+    flops, nbytes = incontext_work(r, queries, route)
+    rows.append(
+        _row(
+            f"in-context, routing at layer {layer} to {top} blocks ({layout})",
+            flops,
+            nbytes,
+            routed_s,
+            rates,
         )
+    )
     return rows
 
 
@@ -340,7 +390,7 @@ def measure(args: argparse.Namespace) -> None:
             print(f"{name}: no store in {work} (run --phase build)", flush=True)
             continue
         r = load_retriever(work / name, show_progress=False)
-        if name == "incontext":
+        if name in LAYOUT_TWINS:
             rows += incontext_rows(r, queries, rates, (args.route_layer, args.route_top))
         elif name == "intra":
             rows += intra_rows(r, queries, rates)
@@ -466,7 +516,7 @@ def main() -> None:
     p.add_argument("--workdir", default=str(ROOT.parent / "stores" / "roofline"))
     p.add_argument("--docs", type=int, default=1000)
     p.add_argument("--queries", type=int, default=20)
-    p.add_argument("--retrievers", default="incontext,intra,dense,generative")
+    p.add_argument("--retrievers", default="incontext,incontext-token,intra,dense,generative")
     p.add_argument("--route-layer", type=int, default=8)
     p.add_argument("--route-top", type=int, default=100)
     p.add_argument("--out", default=str(HERE / "results" / "roofline.json"))

@@ -159,7 +159,7 @@ def test_readout_fit_trains_a_query_lora_that_persists(tiny_llama: str, tmp_path
 
     r = make(tiny_llama, tmp_path, max_doc_tokens=32, ssmax="auto", route_layer=0, route_top=4)
     r.add(TOPIC_DOCS)
-    k_before = r.store.varlen("k", [0])[0].clone()
+    k_before = r.store.varlen("k-0", [0])[0].clone()
     fp = r.fingerprint
     report = r.fit(
         TOPIC_QUERIES, objective="readout", candidates=6, hard_negatives=2, epochs=20,
@@ -171,7 +171,7 @@ def test_readout_fit_trains_a_query_lora_that_persists(tiny_llama: str, tmp_path
     assert report.trainable_params == sum(
         8 * (p.in_features + p.out_features) for p in r.query_projs()
     )
-    assert torch.equal(r.store.varlen("k", [0])[0], k_before) and r.fingerprint == fp
+    assert torch.equal(r.store.varlen("k-0", [0])[0], k_before) and r.fingerprint == fp
     assert r.query_lora is not None
     queries = list(TOPIC_QUERIES)
     before = [[(h.chunk_id, h.score) for h in r.search(q, k=3)] for q in queries]
@@ -401,7 +401,13 @@ def test_smollm2_gguf_readout_and_prefill_equivalence(smollm2_gguf: Path, tmp_pa
     with torch.no_grad():
         a = prefill_packed(r.arch, blocks, 8)
         b = prefill_blocks(r.arch, blocks, 8)
-    for (ka, va), (kb, vb), stored in zip(a, b, r.store.varlen("k", range(3)), strict=True):
+    stored_k = [  # (T, L, Hkv, D) per block from the layer-major store
+        torch.stack(layers, 1)
+        for layers in zip(
+            *(r.store.varlen(f"k-{i}", range(3)) for i in range(r.kv_layers)), strict=True
+        )
+    ]
+    for (ka, va), (kb, vb), stored in zip(a, b, stored_k, strict=True):
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(stored.float(), ka, atol=2e-2, rtol=1e-2)  # fp16 storage
@@ -499,7 +505,7 @@ def test_routing_keys_storage_bytes_roundtrip_and_refusals(tiny_llama: str, tmp_
     full.add(DOCS)
     part = make(tiny_llama, tmp_path / "part", kv_storage="routing", route_layer=0, route_top=2)
     part.add(DOCS)
-    assert set(part.store.specs) == {"ids", "k", "code", "span"}  # r = 0: no values at all
+    assert set(part.store.specs) == {"ids", "k-0", "code", "span"}  # r = 0: no values at all
     fb, pb = full.bytes_per_chunk(), part.bytes_per_chunk()
     assert fb["tokens"] == pb["tokens"]
     assert pb["kv"] * 5 < fb["kv"]  # keys of 1 of 3 layers vs keys and values of 3
@@ -537,3 +543,92 @@ def test_routing_keys_storage_bytes_roundtrip_and_refusals(tiny_llama: str, tmp_
         )
     with pytest.raises(InvalidInputError, match="recompute_cache_docs"):
         make(tiny_llama, tmp_path / "x", recompute_cache_docs=-1)
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "int8"])
+def test_layer_and_token_layouts_rank_identically(
+    tiny_llama: str, tmp_path: Path, store_dtype: str
+) -> None:
+    """The layer-major layout moves the same numbers: every read path (memory-mapped, in RAM,
+    routed) gives exactly the token layout's ids and scores."""
+    docs = [*DOCS, {"id": "e", "text": "gene study of mice"}, {"id": "f", "text": "dog blood"}]
+    layer = make(tiny_llama, tmp_path / "layer", store_dtype=store_dtype, block_docs=2)
+    token = make(
+        tiny_llama, tmp_path / "token", store_dtype=store_dtype, block_docs=2, kv_layout="token"
+    )
+    for r in (layer, token):
+        r.add(docs[:3])
+        r.add(docs[3:])  # two shards: a block batch spans both
+        r.delete(["b"])  # and skips a tombstone
+    assert "k" in token.store.specs and "k-0" in layer.store.specs and "k" not in layer.store.specs
+    assert layer.bytes_per_chunk()["kv"] == token.bytes_per_chunk()["kv"]
+    ram = make(
+        tiny_llama, tmp_path / "layer", store_dtype=store_dtype, kv_source="ram", block_docs=2
+    )
+    for q in ("fox dog", "protein gene cells"):
+        want = _ranked(token, q, 5)
+        assert _ranked(layer, q, 5) == want
+        assert _ranked(ram, q, 5) == want
+        with token.using(route_layer=1, route_top=3), layer.using(route_layer=1, route_top=3):
+            assert _ranked(layer, q, 5) == _ranked(token, q, 5)
+
+
+def test_convert_kv_layout_copies_and_resumes(
+    tiny_llama: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token-layout store (as built before layouts existed, manifest without the option)
+    reopens as such and converts to the layer layout without the model running: same ids and
+    scores, its query LoRA along, the same fingerprint as a store built that way, and an
+    interrupted conversion resumes without duplicates."""
+    import json
+
+    from intrinsic_retrieval.models.query_lora import LowRankUpdate
+
+    old = make(tiny_llama, tmp_path / "old", kv_layout="token")
+    old.add(DOCS)
+    old.delete(["c"])
+    projs = old.query_projs()
+    torch.manual_seed(0)
+    old.set_query_lora(
+        LowRankUpdate(
+            0.1 * torch.randn(len(projs), 2, projs[0].in_features),
+            0.1 * torch.randn(len(projs), projs[0].out_features, 2),
+        )
+    )
+    old.close()
+    manifest = tmp_path / "old" / "idx" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["config"]["init"]["kv_layout"]  # what an older version recorded
+    manifest.write_text(json.dumps(data))
+    old = InContextRetriever.load(tmp_path / "old" / "idx", show_progress=False)
+    assert old.kv_layout == "token" and "k" in old.store.specs
+    want = {q: _ranked(old, q) for q in ("fox dog", "blood risk")}
+
+    calls = 0
+    real_append = type(old.store).append
+
+    def failing_append(self, chunks, tensors):  # the second batch dies mid-conversion
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return real_append(self, chunks, tensors)
+
+    monkeypatch.setattr(type(old.store), "append", failing_append)
+    with pytest.raises(KeyboardInterrupt):
+        old.convert_kv_layout(tmp_path / "new", batch_rows=2)
+    monkeypatch.undo()
+    new = old.convert_kv_layout(tmp_path / "new", batch_rows=2)  # resumes
+    assert new.kv_layout == "layer" and "k-0" in new.store.specs
+    assert sorted(c.document_id for _, c in new.store.iter_chunks()) == ["a", "b", "d"]
+    assert new.query_lora is not None
+    for q, ranked in want.items():
+        assert _ranked(new, q) == ranked
+    fresh = make(tiny_llama, tmp_path / "fresh")
+    assert new.fingerprint == fresh.fingerprint != old.fingerprint
+    with pytest.raises(InvalidInputError, match="another path"):
+        old.convert_kv_layout(tmp_path / "old" / "idx")
+    with pytest.raises(InvalidInputError, match="kv_layout"):
+        old.convert_kv_layout(tmp_path / "x", kv_layout="rows")
+    with pytest.raises(ModelMismatchError):  # a layer store is not opened as a token store
+        make(tiny_llama, tmp_path / "fresh", kv_layout="token")

@@ -48,18 +48,23 @@ RouteScorer = Callable[
 
 
 def pack_layer(
-    rows: Sequence[torch.Tensor], scales: Sequence[torch.Tensor] | None, layer: int
+    rows: Sequence[torch.Tensor], scales: Sequence[torch.Tensor] | None, layer: int | None
 ) -> torch.Tensor:
-    """One layer of per-block ``(T, L, Hkv, D)`` tensors (int8 with `scales`, else float) packed
-    into one float32 ``(sum T, Hkv, D)`` tensor: each block is converted straight into place."""
+    """One layer of per-block ``(T, L, Hkv, D)`` tensors (int8 with `scales` ``(T, L, Hkv)``,
+    else float) packed into one float32 ``(sum T, Hkv, D)`` tensor: each block is converted
+    straight into place. ``layer=None``: the rows already hold that one layer (``(T, Hkv, D)``,
+    scales ``(T, Hkv)``; a layer-major store), so a single row converts in one contiguous pass."""
+    pick = (lambda x: x) if layer is None else (lambda x: x[:, layer])
+    if len(rows) == 1 and scales is None:
+        return pick(rows[0]).to(torch.float32)
     total = sum(int(x.shape[0]) for x in rows)
-    out = torch.empty((total, *rows[0].shape[2:]), dtype=torch.float32)
+    out = torch.empty((total, *pick(rows[0]).shape[1:]), dtype=torch.float32)
     at = 0
     for i, x in enumerate(rows):
         n = int(x.shape[0])
-        out[at : at + n].copy_(x[:, layer])
+        out[at : at + n].copy_(pick(x))
         if scales is not None:  # int8 codes times their scales, in float32 (`dequantize_int8`)
-            out[at : at + n].mul_(scales[i][:, layer, :, None])
+            out[at : at + n].mul_(pick(scales[i])[..., None])
         at += n
     return out
 
@@ -110,6 +115,28 @@ class CorpusKV:
             self.vs = [
                 torch.cat([s[:, layer] for s in v_scales or []]) for layer in range(v_layers)
             ]
+
+    @classmethod
+    def from_layers(
+        cls,
+        lengths: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        k_scales: list[torch.Tensor] | None = None,
+        v_scales: list[torch.Tensor] | None = None,
+    ) -> CorpusKV:
+        """From tensors already layer-major: per layer one flat ``(total_tokens, Hkv, D)``
+        tensor of every block in order (a ``kv_layout="layer"`` store), with the blocks'
+        lengths."""
+        self = cls.__new__(cls)
+        self.num_layers = len(keys)
+        self.lengths = lengths.to(torch.long)
+        self.offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        self.offsets[1:] = torch.cumsum(self.lengths, 0)
+        self.k, self.v = list(keys), list(values)
+        self.ks = None if k_scales is None else list(k_scales)
+        self.vs = None if k_scales is None else list(v_scales or [])
+        return self
 
     def __len__(self) -> int:
         return len(self.lengths)

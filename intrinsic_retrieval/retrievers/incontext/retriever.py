@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
 from ...chunking import Spanner, tokenizer_spans
 from ...errors import InvalidInputError, ModelMismatchError, NotTrainedError, StoreError
@@ -35,7 +36,7 @@ from ..options import SearchOptions, check_choice, check_int
 from .attention import CorpusKV, QueryResult, default_ssmax, query_pass
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, PromptFormat, assign_codes
-from .kv import StoreKV
+from .kv import KV_LAYOUTS, StoreKV, kv_tensor_names, read_blocks, split_layers
 from .prefill import prefill_blocks
 from .recompute import BlockCache, RecomputedKV, to_storage
 from .scoring import Masses, constrained_beam_search, readout_scores
@@ -131,6 +132,8 @@ class InContextRetriever(StoreRetriever):
     readout layers below the first routed layer, a far better router on Gemma 3),
     `kv_storage` ("full", or "routing": store only what layers up to `route_layer` need and
     recompute the routed blocks' later layers at query time, `recompute_cache_docs` kept),
+    `kv_layout` ("layer", one stored tensor per layer so the layer-by-layer query pass streams;
+    "token", what stores built before this option hold, reopened as such),
     `query_batch` (readout queries of one `search_batch` that share a pass over the stored
     blocks; routing and code scoring run query by query), `use_query_lora` (False: search
     without the trained query LoRA the store holds, e.g. to compare with zero-shot).
@@ -138,6 +141,8 @@ class InContextRetriever(StoreRetriever):
 
     name = "incontext"
     renamed_options: ClassVar[dict[str, str]] = {"kv_dtype": "store_dtype"}
+    #: stores built before `kv_layout` existed hold one (T, L, Hkv, D) tensor per kind
+    absent_options: ClassVar[dict[str, Any]] = {"kv_layout": "token"}
     search_options_class = InContextSearchOptions
     fit_config = InContextFitConfig
     row_offset_matters = True  # each block's text starts with its code
@@ -156,6 +161,7 @@ class InContextRetriever(StoreRetriever):
         kv_layers: int | None = None,
         kv_source: str = "mmap",
         kv_storage: str = "full",
+        kv_layout: str = "layer",
         scoring: str = "readout",
         readout_layers: Sequence[int] | None = None,
         readout_heads: Sequence[int] | None = None,
@@ -191,6 +197,7 @@ class InContextRetriever(StoreRetriever):
             raise InvalidInputError(f"max_doc_tokens must be >= 8, got {max_doc_tokens}")
         if kv_storage not in KV_STORAGES:
             raise InvalidInputError(f"kv_storage must be one of {KV_STORAGES}, got {kv_storage!r}")
+        check_choice("kv_layout", kv_layout, KV_LAYOUTS)
         model = DEFAULT_MODEL if model is None else model
         self.model_name = model  # recorded resolved: a later default never reopens this store
         self.gguf_file = gguf_file
@@ -208,7 +215,7 @@ class InContextRetriever(StoreRetriever):
         self.max_query_tokens = int(max_query_tokens)
         self.code_digits = int(code_digits)
         self.store_dtype, self.kv_source = store_dtype, kv_source
-        self.kv_storage = kv_storage
+        self.kv_storage, self.kv_layout = kv_storage, kv_layout
         self._block_cache = BlockCache(0)
         self._null_cache: dict[str, tuple[QueryResult, dict[int, Any]]] = {}
         self._set_search_options(
@@ -331,23 +338,24 @@ class InContextRetriever(StoreRetriever):
             return r + 1, r
         return self.kv_layers, self.kv_layers
 
+    def _kv_names(self) -> dict[str, tuple[str, int | None]]:
+        """The store tensors of keys, values and scales (`kv.kv_tensor_names`)."""
+        k_layers, v_layers = self._stored_layers()
+        return kv_tensor_names(self.kv_layout, k_layers, v_layers, self.store_dtype == "int8")
+
     def _specs(self) -> dict[str, TensorSpec]:
         ad = self.arch
-        k_layers, v_layers = self._stored_layers()
-        heads = (ad.num_kv_heads, ad.head_dim)
-        store_dtype = self.store_dtype
+        layers = dict(zip(("k", "v"), self._stored_layers(), strict=True))
         specs = {
             "ids": TensorSpec("varlen", "int32", ()),
-            "k": TensorSpec("varlen", store_dtype, (k_layers, *heads)),
             "code": TensorSpec("fixed", "int64", ()),
             "span": TensorSpec("fixed", "int32", (2,)),
         }
-        if v_layers:
-            specs["v"] = TensorSpec("varlen", store_dtype, (v_layers, *heads))
-        if self.store_dtype == "int8":
-            specs["k_scale"] = TensorSpec("varlen", "float16", (k_layers, heads[0]))
-            if v_layers:
-                specs["v_scale"] = TensorSpec("varlen", "float16", (v_layers, heads[0]))
+        for name, (what, layer) in self._kv_names().items():
+            scale = what.endswith("_scale")
+            per_token = (ad.num_kv_heads,) if scale else (ad.num_kv_heads, ad.head_dim)
+            shape = per_token if layer is not None else (layers[what[0]], *per_token)
+            specs[name] = TensorSpec("varlen", "float16" if scale else self.store_dtype, shape)
         return specs
 
     def _fingerprint(self) -> str:
@@ -357,6 +365,8 @@ class InContextRetriever(StoreRetriever):
         )
         if self.kv_storage == "routing":  # full stores keep their existing fingerprints
             recipe += f"|storage=routing@{self.route_layer}"
+        if self.kv_layout != "token":  # so do stores built before layouts existed
+            recipe += f"|layout={self.kv_layout}"
         return combine_fingerprints(
             recipe, model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer)
         )
@@ -374,6 +384,7 @@ class InContextRetriever(StoreRetriever):
             "kv_layers": self.kv_layers,
             "kv_source": self.kv_source,
             "kv_storage": self.kv_storage,
+            "kv_layout": self.kv_layout,
             "prefill_batch": self.prefill_batch,
         }
 
@@ -450,9 +461,9 @@ class InContextRetriever(StoreRetriever):
         }
         for i, name in enumerate(("k", "v") if v_layers else ("k",)):
             stored = [to_storage(pair[i].cpu(), self.store_dtype) for pair in kv]
-            out[name] = [x for x, _ in stored]
+            out.update(split_layers([x for x, _ in stored], name, self.kv_layout))
             if self.store_dtype == "int8":
-                out[f"{name}_scale"] = [sc for _, sc in stored]
+                out.update(split_layers([sc for _, sc in stored], f"{name}_scale", self.kv_layout))
         return out
 
     def _on_open(self) -> None:
@@ -475,7 +486,20 @@ class InContextRetriever(StoreRetriever):
             int8 = self.store_dtype == "int8"
             has_v = self._stored_layers()[1] > 0
             if self.kv_source == "mmap":
-                self._corpus = StoreKV(self.store, int8)
+                self._corpus = StoreKV(self.store, int8, self.kv_layout)
+            elif self.kv_layout == "layer":
+                flat = {name: self.store.varlen_all(name)[0].clone() for name in self._kv_names()}
+
+                def layers(what: str) -> list[torch.Tensor]:
+                    return [x for name, x in flat.items() if name.rsplit("-", 1)[0] == what]
+
+                self._corpus = CorpusKV.from_layers(
+                    self.store.varlen_lengths("ids"),
+                    layers("k"),
+                    layers("v"),
+                    layers("k_scale") if int8 else None,
+                    layers("v_scale") if int8 else None,
+                )
             else:
                 rows = range(self.store.num_rows)
                 k = self.store.varlen("k", rows)
@@ -508,11 +532,7 @@ class InContextRetriever(StoreRetriever):
     def _byte_parts(self) -> dict[str, float]:
         """`kv` = the key/value tensors and int8 scales, for whichever `kv_storage` the store
         uses; `tokens` = mean block length (a row is one block)."""
-        kv = sum(
-            self.store.tensor_nbytes(name)
-            for name in ("k", "v", "k_scale", "v_scale")
-            if name in self.store.specs
-        )
+        kv = sum(self.store.tensor_nbytes(name) for name in self._kv_names())
         return {"kv": float(kv), "tokens": float(self.store.varlen_lengths("ids").float().mean())}
 
     def _query_ids(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,6 +587,61 @@ class InContextRetriever(StoreRetriever):
             raise ModelMismatchError(where, expected=model, found=str(meta.get("model")))
         check_low_rank(self.query_projs(), tensors["lora_a"], tensors["lora_b"], where)
         return LowRankUpdate(tensors["lora_a"], tensors["lora_b"]).requires_grad_(False)
+
+    def convert_kv_layout(
+        self, path: str | PathLike[str], kv_layout: str = "layer", *, batch_rows: int = 64
+    ) -> InContextRetriever:
+        """A copy of this index at `path` with its keys and values laid out as `kv_layout`,
+        without running the model: the stored numbers are moved, not recomputed, so searches
+        rank and score exactly as before. This is how a store built before layouts existed
+        ("token", whose layer-by-layer query pass reads each layer with a strided gather) gets
+        the faster "layer" layout without a new prefill. Live rows and aux entries (the query
+        LoRA, cached generated queries) are copied. Interrupted, it resumes: run it again with
+        the same `path` and the rows already there are skipped."""
+        check_choice("kv_layout", kv_layout, KV_LAYOUTS)
+        dest = Path(path)
+        if dest.resolve() == self.store.path.resolve():
+            raise InvalidInputError("convert_kv_layout writes a new index: give another path")
+        init = {**self.init_args(), "kv_layout": kv_layout, "show_progress": self.show_progress}
+        out = type(self)(**init, path=str(dest))
+        live = self.store.live_rows().tolist()
+        k_layers, v_layers = self._stored_layers()
+        kinds = [("k", k_layers), ("v", v_layers)]
+        if self.store_dtype == "int8":
+            kinds += [("k_scale", k_layers), ("v_scale", v_layers)]
+        bar = tqdm(
+            total=len(live),
+            desc="converting (incontext)",
+            unit="block",
+            disable=not self.show_progress,
+        )
+        with self.lock, out.lock, bar:
+            for start in range(0, len(live), batch_rows):
+                rows = live[start : start + batch_rows]
+                chunks = self.store.get(rows)
+                done = out.store.existing_chunk_ids(c.id for c in chunks)
+                todo = [(r, c) for r, c in zip(rows, chunks, strict=True) if c.id not in done]
+                if todo:
+                    picked = [r for r, _ in todo]
+                    tensors: dict[str, Any] = {
+                        "ids": self.store.varlen("ids", picked),
+                        "code": self.store.fixed("code")[picked],
+                        "span": self.store.fixed("span")[picked],
+                    }
+                    for what, n in kinds:
+                        if n:
+                            blocks = read_blocks(self.store, self.kv_layout, what, n, picked)
+                            tensors.update(split_layers(blocks, what, kv_layout))
+                    added = out.store.append([c for _, c in todo], tensors)
+                    out._on_rows_added(added, tensors)
+                bar.update(len(rows))
+            for name in self.store.aux_names():
+                entry = self.store.get_aux(name)
+                if entry is not None:
+                    tensors, meta = entry
+                    out.store.put_aux(name, {k: t.clone() for k, t in tensors.items()}, meta)
+            out._on_open()
+        return out
 
     def save_query_lora(self, path: str | PathLike[str]) -> None:
         """Write the trained query LoRA to a standalone safetensors file (atomically, bound to
