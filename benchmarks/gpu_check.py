@@ -6,13 +6,16 @@ pins) and on `--device`, compares, and times both:
 
 * MaxSim top-k (INTRA's scan): float32 and bfloat16 document vectors;
 * one in-context attention layer over 1,000 stored 300-token blocks (Gemma 3 270M's shapes:
-  4 query heads, 1 KV head, head_dim 256), einsum and flex backends, float32 and bfloat16
-  inputs: output, log-sum-exp and per-document masses (the readout), top-10 documents;
+  4 query heads, 1 KV head, head_dim 256), einsum and flex backends, float32 inputs: output,
+  log-sum-exp and per-document masses (the readout), top-10 documents;
 * a whole query pass through a small random Gemma 3 model (transformers), CPU einsum against
   the device's flex backend;
 * FAISS on the GPU when the installed faiss has GPU support (recorded as unavailable otherwise).
 
-Exits 1 when a comparison fails. `--device cpu --small` runs every comparison CPU against CPU at
+Each check runs under a time limit (``--check-seconds``): one past it is recorded as failed and
+the next starts; the checks that compile (flex attention) run last, and the JSON is rewritten
+after every check, so a run cut short keeps what it measured. Exits 1 when a comparison fails.
+`--device cpu --small` runs every comparison CPU against CPU at
 small sizes (what the test suite does, so the script cannot rot without a GPU).
 
     python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
@@ -85,6 +88,16 @@ def check_maxsim(rows: list[dict], dev: torch.device, small: bool) -> None:
 
 
 def check_attention(rows: list[dict], dev: torch.device, small: bool) -> None:
+    """One attention layer through the einsum backend (two matrix multiplies)."""
+    _attention(rows, dev, small, "einsum")
+
+
+def check_flex(rows: list[dict], dev: torch.device, small: bool) -> None:
+    """The same layer through flex attention (compiled on CUDA)."""
+    _attention(rows, dev, small, "flex")
+
+
+def _attention(rows: list[dict], dev: torch.device, small: bool, backend: str) -> None:
     from intrinsic_retrieval.retrievers.incontext.blockattn import BatchLogits, attend_batch
 
     n, t, hkv, g, tq, d = (40, 30, 1, 4, 8, 32) if small else (1000, 300, 1, 4, 32, 256)
@@ -100,33 +113,27 @@ def check_attention(rows: list[dict], dev: torch.device, small: bool) -> None:
     )
     ref_mass = ref.doc_lse.logsumexp((1, 2, 3))[0]
     ref_top = set(torch.topk(ref_mass, 10).indices.tolist())
-    for backend in ("einsum", "flex"):
-        for dtype in (torch.float32,):  # the query pass always attends in float32
-            args = [x.to(dev, dtype) for x in (qg, k, v)]
-            spec_d = BatchLogits(
-                spec.scale, None, spec.factor.to(dev), spec.window, spec.q_pos.to(dev)
-            )
-            try:
-                dev_s, res = _timed(
-                    lambda a=args, b=backend, sp=spec_d: attend_batch(
-                        b, a[0], a[1], a[2], lengths.to(dev), sp, doc_lse=True
-                    ),
-                    dev,
-                )
-            except Exception as exc:  # an unsupported combination is a finding, not a crash
-                rows.append(
-                    {"check": f"attention {backend} {dtype}", "ok": False, "error": repr(exc)[:300]}
-                )
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            mass = res.doc_lse.float().cpu().logsumexp((1, 2, 3))[0]
-            top = set(torch.topk(mass, 10).indices.tolist())
-            tol = 1e-3 if dtype == torch.float32 else 3e-2
-            close = torch.allclose(res.out.float().cpu(), ref.out, rtol=tol, atol=tol)
-            overlap = len(top & ref_top) / 10
-            ok = close and (overlap == 1.0 if dtype == torch.float32 else overlap >= 0.8)
-            _record(rows, f"attention layer over {n} blocks x {t} tokens ({backend}, {dtype})",
-                    ok, cpu_s, dev_s, top10_overlap=overlap)  # fmt: skip
+    dtype = torch.float32  # the query pass always attends in float32
+    args = [x.to(dev, dtype) for x in (qg, k, v)]
+    spec_d = BatchLogits(spec.scale, None, spec.factor.to(dev), spec.window, spec.q_pos.to(dev))
+    try:
+        dev_s, res = _timed(
+            lambda: attend_batch(
+                backend, args[0], args[1], args[2], lengths.to(dev), spec_d, doc_lse=True
+            ),
+            dev,
+        )
+    except Exception as exc:  # an unsupported combination is a finding, not a crash
+        rows.append(
+            {"check": f"attention {backend} {dtype}", "ok": False, "error": repr(exc)[:300]}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        return
+    mass = res.doc_lse.float().cpu().logsumexp((1, 2, 3))[0]
+    overlap = len(set(torch.topk(mass, 10).indices.tolist()) & ref_top) / 10
+    close = torch.allclose(res.out.float().cpu(), ref.out, rtol=1e-3, atol=1e-3)
+    _record(rows, f"attention layer over {n} blocks x {t} tokens ({backend}, {dtype})",
+            close and overlap == 1.0, cpu_s, dev_s, top10_overlap=overlap)  # fmt: skip
 
 
 def check_query_pass(rows: list[dict], dev: torch.device, small: bool) -> None:
@@ -210,10 +217,44 @@ def check_faiss(rows: list[dict], dev: torch.device, small: bool) -> None:
     _record(rows, f"faiss flat IP ({n} x {d})", bool((ci == gi).mean() > 0.99), cpu_s, dev_s)
 
 
+class CheckTimeout(Exception):
+    """A check ran past ``--check-seconds`` (raised from SIGALRM in the main thread)."""
+
+
+def _run_bounded(check: Callable[..., None], rows: list[dict], dev: torch.device, args) -> None:
+    """Run one check, recording a time-out or a crash as a failed row instead of losing the
+    rows already measured: the first run on an H200 spent its whole 290 s budget inside the
+    compiled flex check and wrote nothing."""
+    import signal
+
+    def expire(_sig: int, _frame: Any) -> None:
+        raise CheckTimeout
+
+    print(f"gpu-check: running {check.__name__}", flush=True)
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(max(1, int(args.check_seconds)))
+    try:
+        check(rows, dev, args.small)
+    except CheckTimeout:
+        rows.append({"check": check.__name__, "ok": False,
+                     "error": f"did not finish within {args.check_seconds} s"})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="small sizes (a quick CPU self-check)")
+    p.add_argument(
+        "--check-seconds",
+        type=int,
+        default=150,
+        help="each check's time limit: one that runs past it is recorded as failed (a compile "
+        "that does not finish) and the next one starts",
+    )
     default_out = Path(os.environ["OUT"]) if os.environ.get("OUT") else HERE / "results"
     p.add_argument("--out", default=str(default_out / "gpu_check.json"))
     args = p.parse_args()
@@ -221,15 +262,16 @@ def main() -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here (run it on a GPU machine, or --device cpu --small)")
         sys.exit(2)
-    rows: list[dict] = []
-    for check in (check_maxsim, check_attention, check_query_pass, check_faiss):
-        check(rows, dev, args.small)
     from _report import result_head, write_result
 
     result = result_head(__file__, "gpu_check", "GPU check: CUDA paths against the CPU")
     result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    result["rows"] = rows
-    write_result(args.out, result)
+    rows: list[dict] = []
+    # the checks that compile (flex attention) last, so a slow compile cannot cost the others
+    for check in (check_maxsim, check_attention, check_faiss, check_flex, check_query_pass):
+        _run_bounded(check, rows, dev, args)
+        result["rows"] = rows
+        write_result(args.out, result)  # after every check: a killed run keeps what it measured
     failed = [r["check"] for r in rows if r.get("ok") is False]
     print(
         f"gpu-check: {len(rows) - len(failed)} of {len(rows)} passed or skipped; failed: {failed}"

@@ -46,3 +46,32 @@ def test_gpu_check_without_cuda_says_so() -> None:
         [sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True
     )
     assert run.returncode == 2 and "no CUDA device" in run.stdout
+
+
+def test_a_check_past_its_time_limit_is_recorded_and_the_next_runs() -> None:
+    """A compile that never finishes must not cost the rows already measured (the first H200
+    run lost every figure that way)."""
+    import argparse
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def slow(rows: list, dev: torch.device, small: bool) -> None:
+        time.sleep(30)
+
+    def quick(rows: list, dev: torch.device, small: bool) -> None:
+        rows.append({"check": "quick", "ok": True})
+
+    rows: list = []
+    args = argparse.Namespace(check_seconds=1, small=True)
+    started = time.perf_counter()
+    for check in (slow, quick):
+        gpu_check._run_bounded(check, rows, torch.device("cpu"), args)
+    assert time.perf_counter() - started < 10
+    assert rows == [
+        {"check": "slow", "ok": False, "error": "did not finish within 1 s"},
+        {"check": "quick", "ok": True},
+    ]

@@ -152,5 +152,5 @@ def test_query_pass_agrees_across_backends(arch: str) -> None:
 
 def test_backend_resolution() -> None:
     assert resolve_backend("auto", torch.device("cpu")) == "einsum"
-    assert resolve_backend("auto", torch.device("cuda")) == "flex"
+    assert resolve_backend("auto", torch.device("cuda")) == "einsum"  # flex not yet checked there
     assert resolve_backend("flex", torch.device("cpu")) == "flex"

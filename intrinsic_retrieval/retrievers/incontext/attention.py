@@ -272,7 +272,7 @@ def query_pass(
     (each row summing to 1) for a batch of queries of different lengths, right-padded.
     `start_layer` with `hidden` (the residual stream entering it) resumes a pass part-way; the
     returned cache then holds only the layers run. `backend` computes each block batch's
-    attention (see `blockattn`: "einsum", "flex", or "auto" = flex on CUDA).
+    attention (see `blockattn`: "einsum", "flex", or "auto" = einsum).
 
     `segments` ``(Tq,)`` packs several queries into one row (B = 1, no padding): token i
     belongs to query ``segments[i]`` (contiguous, numbered from 0), positions restart at each
