@@ -9,7 +9,7 @@ pins) and on `--device`, compares, and times both:
   4 query heads, 1 KV head, head_dim 256), einsum and flex backends, float32 inputs: output,
   log-sum-exp and per-document masses (the readout), top-10 documents;
 * a whole query pass through a small random Gemma 3 model (transformers), CPU einsum against
-  the device's flex backend;
+  the device's einsum backend (what "auto" picks) and, last, its flex backend;
 * FAISS on the GPU when the installed faiss has GPU support (recorded as unavailable otherwise).
 
 Each check runs under a time limit (``--check-seconds``): one past it is recorded as failed and
@@ -137,6 +137,16 @@ def _attention(rows: list[dict], dev: torch.device, small: bool, backend: str) -
 
 
 def check_query_pass(rows: list[dict], dev: torch.device, small: bool) -> None:
+    """A whole query pass on the device through the einsum backend (what "auto" picks)."""
+    _query_pass(rows, dev, small, "einsum")
+
+
+def check_query_pass_flex(rows: list[dict], dev: torch.device, small: bool) -> None:
+    """The same through flex attention (compiled on CUDA), float32 and bfloat16 weights."""
+    _query_pass(rows, dev, small, "flex")
+
+
+def _query_pass(rows: list[dict], dev: torch.device, small: bool, backend: str) -> None:
     try:
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     except ImportError as exc:
@@ -160,15 +170,15 @@ def check_query_pass(rows: list[dict], dev: torch.device, small: bool) -> None:
     ids = torch.randint(5, 500, (1, 12), generator=gen)
     out: dict[str, Any] = {}
     runs = [("cpu", torch.device("cpu"), "einsum", torch.float32)]
-    runs += [("dev", dev, "flex", torch.float32), ("dev-bf16", dev, "flex", torch.bfloat16)]
-    for name, where, backend, dtype in runs:
+    runs += [("dev", dev, backend, torch.float32), ("dev-bf16", dev, backend, torch.bfloat16)]
+    for name, where, run_backend, dtype in runs:
         m = model.to(where, dtype)
         arch = decoder_only_for(m)
         with torch.no_grad():
             kv = prefill_blocks(arch, blocks, arch.num_layers)
             corpus = CorpusKV([k.cpu() for k, _ in kv], [v.cpu() for _, v in kv])
             out[name] = _timed(
-                lambda a=arch, c=corpus, b=backend: query_pass(
+                lambda a=arch, c=corpus, b=run_backend: query_pass(
                     a, c, ids, q_offset=64, num_layers=a.num_layers, mass_layers=[0, 1, 2, 3],
                     backend=b,
                 ),
@@ -193,7 +203,7 @@ def check_query_pass(rows: list[dict], dev: torch.device, small: bool) -> None:
             )
         label = "bfloat16" if name == "dev-bf16" else "float32"
         _record(rows, f"query pass, random Gemma 3 ({label}), {n_docs} blocks: cpu einsum vs "
-                f"device flex", ok, cpu_s, dev_s, top5_overlap=overlap)  # fmt: skip
+                f"device {backend}", ok, cpu_s, dev_s, top5_overlap=overlap)  # fmt: skip
 
 
 def check_faiss(rows: list[dict], dev: torch.device, small: bool) -> None:
@@ -217,14 +227,16 @@ def check_faiss(rows: list[dict], dev: torch.device, small: bool) -> None:
     _record(rows, f"faiss flat IP ({n} x {d})", bool((ci == gi).mean() > 0.99), cpu_s, dev_s)
 
 
-class CheckTimeout(Exception):
-    """A check ran past ``--check-seconds`` (raised from SIGALRM in the main thread)."""
+class CheckTimeout(BaseException):
+    """A check ran past ``--check-seconds`` (raised from SIGALRM in the main thread). Not an
+    `Exception`, so a check's own ``except Exception`` (or a compiler's) cannot swallow it."""
 
 
 def _run_bounded(check: Callable[..., None], rows: list[dict], dev: torch.device, args) -> None:
     """Run one check, recording a time-out or a crash as a failed row instead of losing the
     rows already measured: the first run on an H200 spent its whole 290 s budget inside the
-    compiled flex check and wrote nothing."""
+    compiled flex check and wrote nothing. The alarm cannot interrupt one blocking C call (a
+    CUDA synchronise, say); it fires when that call returns to Python."""
     import signal
 
     def expire(_sig: int, _frame: Any) -> None:
@@ -238,6 +250,9 @@ def _run_bounded(check: Callable[..., None], rows: list[dict], dev: torch.device
     except CheckTimeout:
         rows.append({"check": check.__name__, "ok": False,
                      "error": f"did not finish within {args.check_seconds} s"})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    except Exception as exc:  # a crash is a finding too; the next check still runs
+        rows.append({"check": check.__name__, "ok": False, "error": repr(exc)[:300]})
         print(json.dumps(rows[-1]), flush=True)
     finally:
         signal.alarm(0)
@@ -268,7 +283,8 @@ def main() -> None:
     result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows: list[dict] = []
     # the checks that compile (flex attention) last, so a slow compile cannot cost the others
-    for check in (check_maxsim, check_attention, check_faiss, check_flex, check_query_pass):
+    checks = (check_maxsim, check_attention, check_query_pass, check_faiss)
+    for check in (*checks, check_flex, check_query_pass_flex):
         _run_bounded(check, rows, dev, args)
         result["rows"] = rows
         write_result(args.out, result)  # after every check: a killed run keeps what it measured

@@ -56,7 +56,8 @@ STORES: dict[str, dict[str, Any]] = {
 }
 BATCH = 32
 #: a store measured in both K/V layouts: (the other layout's store, this one's layout); the
-#: second is converted from the first (`convert_kv_layout`: same numbers, no prefill)
+#: second is converted from the first (`convert_kv_layout`: same numbers, no prefill) and
+#: copies it as it is (for another --docs, use another --workdir)
 LAYOUT_TWINS = {
     "incontext": ("incontext-token", "layer"),
     "incontext-token": ("incontext", "token"),

@@ -16,6 +16,7 @@ from intrinsic_retrieval.errors import (
     ModelMismatchError,
 )
 from intrinsic_retrieval.retrievers.incontext import InContextRetriever
+from intrinsic_retrieval.retrievers.incontext.kv import read_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -401,12 +402,7 @@ def test_smollm2_gguf_readout_and_prefill_equivalence(smollm2_gguf: Path, tmp_pa
     with torch.no_grad():
         a = prefill_packed(r.arch, blocks, 8)
         b = prefill_blocks(r.arch, blocks, 8)
-    stored_k = [  # (T, L, Hkv, D) per block from the layer-major store
-        torch.stack(layers, 1)
-        for layers in zip(
-            *(r.store.varlen(f"k-{i}", range(3)) for i in range(r.kv_layers)), strict=True
-        )
-    ]
+    stored_k = read_blocks(r.store, "layer", "k", r.kv_layers, range(3))  # (T, L, Hkv, D) each
     for (ka, va), (kb, vb), stored in zip(a, b, stored_k, strict=True):
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3)
@@ -600,6 +596,9 @@ def test_convert_kv_layout_copies_and_resumes(
     data = json.loads(manifest.read_text())
     del data["config"]["init"]["kv_layout"]  # what an older version recorded
     manifest.write_text(json.dumps(data))
+    again = make(tiny_llama, tmp_path / "old")  # the constructor, no layout named: the store's
+    assert again.kv_layout == "token"
+    again.close()
     old = InContextRetriever.load(tmp_path / "old" / "idx", show_progress=False)
     assert old.kv_layout == "token" and "k" in old.store.specs
     want = {q: _ranked(old, q) for q in ("fox dog", "blood risk")}

@@ -1417,3 +1417,18 @@ def test_aux_entry_without_tensors_round_trips(tmp_path: Path) -> None:
     tensors, meta = again.get_aux("notes")
     assert tensors == {} and meta == {"queries": {"d1": ["q"]}}
     again.verify()
+
+
+def test_copy_aux_to_copies_tensors_and_meta(tmp_path):
+    src, dst = new_store(tmp_path / "a"), new_store(tmp_path / "b")
+    src.put_aux("head", {"w": torch.arange(6.0).view(2, 3)}, {"k": 1})
+    dst.put_aux("head", {"w": torch.zeros(1)}, {"k": 0})
+    src.copy_aux_to(dst, "head")  # replaces the entry there
+    tensors, meta = dst.get_aux("head")
+    assert torch.equal(tensors["w"], torch.arange(6.0).view(2, 3)) and meta == {"k": 1}
+    src.close()
+    dst.close()
+    reopened = EncodedChunkStore.open(tmp_path / "b", fingerprint=FP)
+    assert reopened.get_aux("head")[1] == {"k": 1}
+    with pytest.raises(UnknownIdError):
+        reopened.copy_aux_to(reopened, "nothing")

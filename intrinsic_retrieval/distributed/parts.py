@@ -214,9 +214,7 @@ def _copy_aux(stores: Sequence[EncodedChunkStore], dst: EncodedChunkStore) -> No
                 f"aux entry {name!r} differs between parts (or is missing from some); train "
                 "after combining, or give every worker the same trained state"
             )
-        got = stores[0].get_aux(name)
-        assert got is not None
-        dst.put_aux(name, {k: v.clone() for k, v in got[0].items()}, got[1])
+        stores[0].copy_aux_to(dst, name)
 
 
 def _combine_into(paths: Sequence[Path], dest: Path) -> None:

@@ -76,9 +76,6 @@ class StoreRetriever(abc.ABC):
     learns_from_queries: ClassVar[bool] = True
     #: constructor options recorded under an older name in existing stores: {old: new}
     renamed_options: ClassVar[dict[str, str]] = {}
-    #: constructor options that stores built before they existed do not record, with the value
-    #: those stores were built with (a new store records every option, so this never applies)
-    absent_options: ClassVar[dict[str, Any]] = {}
     #: this retriever's query-time options
     search_options_class: ClassVar[type[SearchOptions]] = SearchOptions
     #: the index can be built in parts and combined (`intrinsic_retrieval.distributed`): every
@@ -714,7 +711,6 @@ class StoreRetriever(abc.ABC):
                 Path(path) / "manifest.json", "the recorded constructor options are not an object"
             )
         init = {target.renamed_options.get(k, k): v for k, v in init.items()}
-        init = {**target.absent_options, **init}
         kwargs = {**init, **overrides, "path": path}
         try:
             return target(**kwargs)  # type: ignore[return-value]

@@ -895,6 +895,13 @@ class EncodedChunkStore:
         mapped = MappedFile(self.path / entry["file"], expected_bytes=entry["bytes"])
         return mapped.tensors, json.loads(json.dumps(entry.get("meta", {})))
 
+    def copy_aux_to(self, dst: EncodedChunkStore, name: str) -> None:
+        """Copy aux entry `name` (tensors and meta) into store `dst`, replacing one there."""
+        got = self.get_aux(name)
+        if got is None:
+            raise UnknownIdError(f"no aux entry {name!r} in {self.path}")
+        dst.put_aux(name, {k: v.clone() for k, v in got[0].items()}, got[1])
+
     def aux_names(self) -> list[str]:
         return sorted(self._manifest.get("aux", {}))
 

@@ -55,7 +55,7 @@ def pack_layer(
     straight into place. ``layer=None``: the rows already hold that one layer (``(T, Hkv, D)``,
     scales ``(T, Hkv)``; a layer-major store), so a single row converts in one contiguous pass."""
     pick = (lambda x: x) if layer is None else (lambda x: x[:, layer])
-    if len(rows) == 1 and scales is None:
+    if len(rows) == 1 and scales is None:  # float32 storage: a read-only view, nothing copied
         return pick(rows[0]).to(torch.float32)
     total = sum(int(x.shape[0]) for x in rows)
     out = torch.empty((total, *pick(rows[0]).shape[1:]), dtype=torch.float32)

@@ -47,6 +47,17 @@ class KVSource(Protocol):
 KV_LAYOUTS = ("layer", "token")
 
 
+def layer_name(what: str, layer: int) -> str:
+    """The layer-layout store tensor of layer `layer` of `what` ("k", "v", "k_scale", ...)."""
+    return f"{what}-{layer}"
+
+
+def stored_layout(tensors: Any) -> str:
+    """The layout of a store holding `tensors` (its tensor names): one tensor "k" per kind is
+    the token layout, "k-0", "k-1", ... the layer layout."""
+    return "token" if "k" in tensors else "layer"
+
+
 def kv_tensor_names(
     layout: str, k_layers: int, v_layers: int, int8: bool
 ) -> dict[str, tuple[str, int | None]]:
@@ -63,13 +74,12 @@ def kv_tensor_names(
         kinds += [("k_scale", k_layers), ("v_scale", v_layers)]
     if layout == "token":
         return {what: (what, None) for what, n in kinds if n}
-    return {f"{what}-{layer}": (what, layer) for what, n in kinds for layer in range(n)}
+    return {layer_name(what, layer): (what, layer) for what, n in kinds for layer in range(n)}
 
 
 def layer_tensor(layout: str, what: str, layer: int) -> tuple[str, int | None]:
-    """(store tensor, layer to take from it or None) for layer `layer` of `what` ("k", "v",
-    "k_scale", "v_scale")."""
-    return (what, layer) if layout == "token" else (f"{what}-{layer}", None)
+    """(store tensor, layer to take from it or None) for layer `layer` of `what`."""
+    return (what, layer) if layout == "token" else (layer_name(what, layer), None)
 
 
 def split_layers(
@@ -79,7 +89,7 @@ def split_layers(
     if layout == "token":
         return {what: list(blocks)}
     n = int(blocks[0].shape[1]) if blocks else 0
-    return {f"{what}-{layer}": [x[:, layer] for x in blocks] for layer in range(n)}
+    return {layer_name(what, layer): [x[:, layer] for x in blocks] for layer in range(n)}
 
 
 def read_blocks(
@@ -88,7 +98,7 @@ def read_blocks(
     """Per-block ``(T, L, ...)`` tensors of kind `what` for `rows`, from a store of `layout`."""
     if layout == "token":
         return store.varlen(what, rows)
-    per_layer = [store.varlen(f"{what}-{layer}", rows) for layer in range(layers)]
+    per_layer = [store.varlen(layer_name(what, layer), rows) for layer in range(layers)]
     return [torch.stack(parts, 1) for parts in zip(*per_layer, strict=True)]
 
 

@@ -36,7 +36,14 @@ from ..options import SearchOptions, check_choice, check_int
 from .attention import CorpusKV, QueryResult, default_ssmax, query_pass
 from .blockattn import BACKENDS
 from .codes import FORMAT_VERSION, NULL_QUERY, PromptFormat, assign_codes
-from .kv import KV_LAYOUTS, StoreKV, kv_tensor_names, read_blocks, split_layers
+from .kv import (
+    KV_LAYOUTS,
+    StoreKV,
+    kv_tensor_names,
+    read_blocks,
+    split_layers,
+    stored_layout,
+)
 from .prefill import prefill_blocks
 from .recompute import BlockCache, RecomputedKV, to_storage
 from .scoring import Masses, constrained_beam_search, readout_scores
@@ -133,7 +140,8 @@ class InContextRetriever(StoreRetriever):
     `kv_storage` ("full", or "routing": store only what layers up to `route_layer` need and
     recompute the routed blocks' later layers at query time, `recompute_cache_docs` kept),
     `kv_layout` ("layer", one stored tensor per layer so the layer-by-layer query pass streams;
-    "token", what stores built before this option hold, reopened as such),
+    "token", what stores built before this option hold; None: an existing store's own, else
+    "layer"),
     `query_batch` (readout queries of one `search_batch` that share a pass over the stored
     blocks; routing and code scoring run query by query), `use_query_lora` (False: search
     without the trained query LoRA the store holds, e.g. to compare with zero-shot).
@@ -141,8 +149,6 @@ class InContextRetriever(StoreRetriever):
 
     name = "incontext"
     renamed_options: ClassVar[dict[str, str]] = {"kv_dtype": "store_dtype"}
-    #: stores built before `kv_layout` existed hold one (T, L, Hkv, D) tensor per kind
-    absent_options: ClassVar[dict[str, Any]] = {"kv_layout": "token"}
     search_options_class = InContextSearchOptions
     fit_config = InContextFitConfig
     row_offset_matters = True  # each block's text starts with its code
@@ -161,7 +167,7 @@ class InContextRetriever(StoreRetriever):
         kv_layers: int | None = None,
         kv_source: str = "mmap",
         kv_storage: str = "full",
-        kv_layout: str = "layer",
+        kv_layout: str | None = None,
         scoring: str = "readout",
         readout_layers: Sequence[int] | None = None,
         readout_heads: Sequence[int] | None = None,
@@ -197,6 +203,10 @@ class InContextRetriever(StoreRetriever):
             raise InvalidInputError(f"max_doc_tokens must be >= 8, got {max_doc_tokens}")
         if kv_storage not in KV_STORAGES:
             raise InvalidInputError(f"kv_storage must be one of {KV_STORAGES}, got {kv_storage!r}")
+        if kv_layout is None:  # an existing store's own layout; "layer" for a new one
+            existing = path is not None and (Path(path) / "manifest.json").exists()
+            tensors = EncodedChunkStore.read_manifest(path)["tensors"] if existing else {}
+            kv_layout = stored_layout(tensors) if tensors else "layer"
         check_choice("kv_layout", kv_layout, KV_LAYOUTS)
         model = DEFAULT_MODEL if model is None else model
         self.model_name = model  # recorded resolved: a later default never reopens this store
@@ -488,10 +498,15 @@ class InContextRetriever(StoreRetriever):
             if self.kv_source == "mmap":
                 self._corpus = StoreKV(self.store, int8, self.kv_layout)
             elif self.kv_layout == "layer":
-                flat = {name: self.store.varlen_all(name)[0].clone() for name in self._kv_names()}
+                names = self._kv_names()
 
                 def layers(what: str) -> list[torch.Tensor]:
-                    return [x for name, x in flat.items() if name.rsplit("-", 1)[0] == what]
+                    """Every layer of `what`, in memory (`varlen_all` maps a single shard)."""
+                    return [
+                        self.store.varlen_all(name)[0].clone()
+                        for name, (kind, _) in names.items()
+                        if kind == what
+                    ]
 
                 self._corpus = CorpusKV.from_layers(
                     self.store.varlen_lengths("ids"),
@@ -597,18 +612,17 @@ class InContextRetriever(StoreRetriever):
         ("token", whose layer-by-layer query pass reads each layer with a strided gather) gets
         the faster "layer" layout without a new prefill. Live rows and aux entries (the query
         LoRA, cached generated queries) are copied. Interrupted, it resumes: run it again with
-        the same `path` and the rows already there are skipped."""
+        the same `path` and the rows already there (by chunk id) are skipped, so the source
+        should not change between the two runs."""
         check_choice("kv_layout", kv_layout, KV_LAYOUTS)
         dest = Path(path)
         if dest.resolve() == self.store.path.resolve():
             raise InvalidInputError("convert_kv_layout writes a new index: give another path")
         init = {**self.init_args(), "kv_layout": kv_layout, "show_progress": self.show_progress}
-        out = type(self)(**init, path=str(dest))
+        out = type(self)(**init, path=str(dest))  # loads the model: the recipe checks need it
         live = self.store.live_rows().tolist()
-        k_layers, v_layers = self._stored_layers()
-        kinds = [("k", k_layers), ("v", v_layers)]
-        if self.store_dtype == "int8":
-            kinds += [("k_scale", k_layers), ("v_scale", v_layers)]
+        layers = dict(zip(("k", "v"), self._stored_layers(), strict=True))
+        kv_names = self._kv_names()
         bar = tqdm(
             total=len(live),
             desc="converting (incontext)",
@@ -623,23 +637,22 @@ class InContextRetriever(StoreRetriever):
                 todo = [(r, c) for r, c in zip(rows, chunks, strict=True) if c.id not in done]
                 if todo:
                     picked = [r for r, _ in todo]
-                    tensors: dict[str, Any] = {
-                        "ids": self.store.varlen("ids", picked),
-                        "code": self.store.fixed("code")[picked],
-                        "span": self.store.fixed("span")[picked],
-                    }
-                    for what, n in kinds:
-                        if n:
-                            blocks = read_blocks(self.store, self.kv_layout, what, n, picked)
-                            tensors.update(split_layers(blocks, what, kv_layout))
-                    added = out.store.append([c for _, c in todo], tensors)
-                    out._on_rows_added(added, tensors)
+                    tensors: dict[str, Any] = {}
+                    for name, spec in self.store.specs.items():
+                        if name in kv_names:  # keys, values, scales: laid out again below
+                            continue
+                        if spec.kind == "fixed":
+                            tensors[name] = self.store.fixed(name)[picked]
+                        else:
+                            tensors[name] = self.store.varlen(name, picked)
+                    for what in sorted({what for what, _ in kv_names.values()}):
+                        n = layers[what[0]]
+                        blocks = read_blocks(self.store, self.kv_layout, what, n, picked)
+                        tensors.update(split_layers(blocks, what, kv_layout))
+                    out.store.append([c for _, c in todo], tensors)
                 bar.update(len(rows))
             for name in self.store.aux_names():
-                entry = self.store.get_aux(name)
-                if entry is not None:
-                    tensors, meta = entry
-                    out.store.put_aux(name, {k: t.clone() for k, t in tensors.items()}, meta)
+                self.store.copy_aux_to(out.store, name)
             out._on_open()
         return out
 
