@@ -100,21 +100,19 @@ class CorpusKV:
     ) -> None:
         if not keys:
             raise ValueError("CorpusKV needs at least one block")
-        self.num_layers = int(keys[0].shape[1])
-        self.lengths = torch.tensor([int(k.shape[0]) for k in keys], dtype=torch.long)
-        self.offsets = torch.zeros(len(keys) + 1, dtype=torch.long)
-        self.offsets[1:] = torch.cumsum(self.lengths, 0)
-        self.k = [torch.cat([k[:, layer] for k in keys]) for layer in range(self.num_layers)]
+        k_layers = int(keys[0].shape[1])
         v_layers = int(values[0].shape[1]) if values else 0
-        self.v = [torch.cat([v[:, layer] for v in values or []]) for layer in range(v_layers)]
-        self.ks = self.vs = None
-        if k_scales is not None:
-            self.ks = [
-                torch.cat([s[:, layer] for s in k_scales]) for layer in range(self.num_layers)
-            ]
-            self.vs = [
-                torch.cat([s[:, layer] for s in v_scales or []]) for layer in range(v_layers)
-            ]
+
+        def per_layer(blocks: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
+            return [torch.cat([x[:, layer] for x in blocks]) for layer in range(n)]
+
+        self._set(
+            torch.tensor([int(k.shape[0]) for k in keys], dtype=torch.long),
+            per_layer(keys, k_layers),
+            per_layer(values or [], v_layers),
+            None if k_scales is None else per_layer(k_scales, k_layers),
+            None if k_scales is None else per_layer(v_scales or [], v_layers),
+        )
 
     @classmethod
     def from_layers(
@@ -129,14 +127,29 @@ class CorpusKV:
         tensor of every block in order (a ``kv_layout="layer"`` store), with the blocks'
         lengths."""
         self = cls.__new__(cls)
-        self.num_layers = len(keys)
-        self.lengths = lengths.to(torch.long)
-        self.offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
-        self.offsets[1:] = torch.cumsum(self.lengths, 0)
-        self.k, self.v = list(keys), list(values)
-        self.ks = None if k_scales is None else list(k_scales)
-        self.vs = None if k_scales is None else list(v_scales or [])
+        self._set(
+            lengths.to(torch.long),
+            list(keys),
+            list(values),
+            None if k_scales is None else list(k_scales),
+            None if k_scales is None else list(v_scales or []),
+        )
         return self
+
+    def _set(
+        self,
+        lengths: torch.Tensor,
+        k: list[torch.Tensor],
+        v: list[torch.Tensor],
+        ks: list[torch.Tensor] | None,
+        vs: list[torch.Tensor] | None,
+    ) -> None:
+        """The one place the layer-major lists, lengths and offsets are set."""
+        self.num_layers = len(k)
+        self.lengths = lengths
+        self.offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        self.offsets[1:] = torch.cumsum(lengths, 0)
+        self.k, self.v, self.ks, self.vs = k, v, ks, vs
 
     def __len__(self) -> int:
         return len(self.lengths)
