@@ -35,6 +35,9 @@ def test_gpu_check_self_check_on_cpu(tmp_path: Path) -> None:
     assert any(c.startswith("maxsim") for c in checks)
     assert any("flex" in c for c in checks) and any("bfloat16" in c for c in checks)
     assert all(ok in (True, None) for ok in checks.values())
+    (table,) = result["tables"]  # what render.py puts in docs/benchmarks.md
+    assert len(table["rows"]) == len(result["rows"]) and table["columns"][:2] == ["check", "ok"]
+    assert any("first_call_ms" in r for r in result["rows"])
 
 
 def test_gpu_check_without_cuda_says_so() -> None:
