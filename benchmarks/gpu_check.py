@@ -254,14 +254,23 @@ TABLE_COLUMNS = (
 
 
 def results_table(rows: list[dict], device: str) -> dict[str, Any]:
-    """The rows as one table for `render.py` (a column per key any row has)."""
+    """The rows as one table for `render.py`: the `TABLE_COLUMNS` some row has, in that order,
+    then any other key a row has (so nothing measured is dropped)."""
     columns = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
+    columns += sorted({k for r in rows for k in r} - set(columns))
     return {
         "title": f"CUDA paths on {device} against the CPU float32 reference (cpu ms: that "
         "machine's own CPU; first_call_ms: the warm-up call, where a compiled backend compiles)",
         "columns": columns,
         "rows": [[r.get(c) for c in columns] for r in rows],
     }
+
+
+def _label(check: Callable[..., None]) -> str:
+    """A row name for a check that produced none (timed out, crashed): its docstring's first
+    line, so the table reads alike for finished and unfinished checks."""
+    doc = (check.__doc__ or check.__name__).strip().splitlines()[0]
+    return f"{check.__name__.removeprefix('check_')}: {doc}"
 
 
 class CheckTimeout(BaseException):
@@ -285,15 +294,29 @@ def _run_bounded(check: Callable[..., None], rows: list[dict], dev: torch.device
     try:
         check(rows, dev, args.small)
     except CheckTimeout:
-        rows.append({"check": check.__name__, "ok": False,
+        rows.append({"check": _label(check), "ok": False,
                      "error": f"did not finish within {args.check_seconds} s"})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     except Exception as exc:  # a crash is a finding too; the next check still runs
-        rows.append({"check": check.__name__, "ok": False, "error": repr(exc)[:300]})
+        rows.append({"check": _label(check), "ok": False, "error": repr(exc)[:300]})
         print(json.dumps(rows[-1]), flush=True)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+#: every check, in the order they run: the ones that compile (flex) last, so a slow compile
+#: cannot cost the others; the whole flex query pass before the full-size flex layers, whose
+#: compiles have not finished in time on an H200 and would leave compile workers running
+ORDER: dict[str, Callable[..., None]] = {
+    "maxsim": check_maxsim,
+    "attention": check_attention,
+    "query_pass": check_query_pass,
+    "faiss": check_faiss,
+    "query_pass_flex": check_query_pass_flex,
+    "flex_plain": check_flex_plain,
+    "flex": check_flex,
+}
 
 
 def main() -> None:
@@ -309,6 +332,11 @@ def main() -> None:
     )
     default_out = Path(os.environ["OUT"]) if os.environ.get("OUT") else HERE / "results"
     p.add_argument("--out", default=str(default_out / "gpu_check.json"))
+    p.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated checks to run (default: all, in this order: {', '.join(ORDER)})",
+    )
     args = p.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -319,9 +347,14 @@ def main() -> None:
     result = result_head(__file__, "gpu_check", "GPU check: CUDA paths against the CPU")
     result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows: list[dict] = []
-    # the checks that compile (flex attention) last, so a slow compile cannot cost the others
-    checks = (check_maxsim, check_attention, check_query_pass, check_faiss)
-    for check in (*checks, check_flex_plain, check_flex, check_query_pass_flex):
+    only = None if args.only is None else {x.strip() for x in args.only.split(",")}
+    unknown = (only or set()) - set(ORDER)
+    if unknown:
+        print(f"gpu-check: unknown checks {sorted(unknown)}; known: {', '.join(ORDER)}")
+        sys.exit(2)
+    for name, check in ORDER.items():
+        if only is not None and name not in only:
+            continue
         _run_bounded(check, rows, dev, args)
         result["rows"] = rows
         result["tables"] = [results_table(rows, result["device"])]

@@ -56,6 +56,7 @@ STORES: dict[str, dict[str, Any]] = {
     "generative": {"docids": "naive"},
 }
 BATCH = 32
+DEFAULT_RETRIEVERS = ",".join(STORES)
 #: a store measured in both K/V layouts: (the other layout's store, this one's layout); the
 #: second is converted from the first (`convert_kv_layout`: same numbers, no prefill) and
 #: copies it as it is (for another --docs, use another --workdir)
@@ -151,7 +152,7 @@ def _nonembedding_params(model: torch.nn.Module) -> int:
 @dataclass
 class Timed:
     """Per-item timings of one measured work. `beside` holds, when probed, the sgemm rate
-    measured right before each item: on a shared host the rate drifts by 2x within minutes, so
+    measured right before each item: on a shared host the rate drifted 1.7x within one run, so
     a query's distance from the bound is read against the rate of its own moment too."""
 
     median: float
@@ -430,7 +431,10 @@ def measure(args: argparse.Namespace) -> None:
         done = len(rows)
         del r
     rates_after = {"sgemm_gflops": round(sgemm_gflops(), 1), "copy_gbs": round(copy_gbs(), 1)}
-    result = result_head(__file__, "roofline", "Roofline: query work against this machine's rates")
+    title = "Roofline: query work against this machine's rates"
+    if args.retrievers != DEFAULT_RETRIEVERS:  # a partial run gets its own heading
+        title = f"Roofline, {args.retrievers} only: query work against this machine's rates"
+    result = result_head(__file__, "roofline", title)
     machine = [
         {"when": "start", "sgemm GFLOP/s (float32)": rates["sgemm_gflops"],
          "memory copy GB/s": rates["copy_gbs"]},
@@ -477,8 +481,11 @@ def measure(args: argparse.Namespace) -> None:
                 "cached after it).",
                 "In-context rows also measure the sgemm rate right before each timed query (same "
                 "2048x2048 multiply, 3 repeats) and read each query against the rate of its own "
-                "moment: on a shared host the rate drifts by 2x within minutes, so the "
-                "start-of-run rate alone can put a query's distance from the bound off either way.",
+                "moment: on a shared host the rate drifted 1.7x within one run (29-48 GFLOP/s), "
+                "so the start-of-run rate alone can put a query's distance from the bound off "
+                "either way. Each query is read against the mean query's FLOPs (the spread mixes "
+                "query length with the rate's drift), and the probe itself runs between queries, "
+                "so these medians are not strictly comparable with runs made without it.",
             ],
         }
     )
@@ -546,7 +553,7 @@ def main() -> None:
     p.add_argument("--workdir", default=str(ROOT.parent / "stores" / "roofline"))
     p.add_argument("--docs", type=int, default=1000)
     p.add_argument("--queries", type=int, default=20)
-    p.add_argument("--retrievers", default="incontext,incontext-token,intra,dense,generative")
+    p.add_argument("--retrievers", default=DEFAULT_RETRIEVERS)
     p.add_argument("--route-layer", type=int, default=8)
     p.add_argument("--route-top", type=int, default=100)
     p.add_argument("--out", default=str(HERE / "results" / "roofline.json"))

@@ -35,9 +35,13 @@ def test_gpu_check_self_check_on_cpu(tmp_path: Path) -> None:
     assert any(c.startswith("maxsim") for c in checks)
     assert any("flex" in c for c in checks) and any("bfloat16" in c for c in checks)
     assert all(ok in (True, None) for ok in checks.values())
+    assert any("no per-document masses" in c and ok for c, ok in checks.items())
+    timed = [r for r in result["rows"] if "device ms" in r]
+    assert timed and all(r["first_call_ms"] > 0 for r in timed)  # the warm-up (compile) call
     (table,) = result["tables"]  # what render.py puts in docs/benchmarks.md
     assert len(table["rows"]) == len(result["rows"]) and table["columns"][:2] == ["check", "ok"]
-    assert any("first_call_ms" in r for r in result["rows"])
+    assert all(len(row) == len(table["columns"]) for row in table["rows"])
+    assert set().union(*result["rows"]) == set(table["columns"])
 
 
 def test_gpu_check_without_cuda_says_so() -> None:
@@ -62,7 +66,8 @@ def test_a_check_past_its_time_limit_is_recorded_and_the_next_runs() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_check
 
-    def slow(rows: list, dev: torch.device, small: bool) -> None:
+    def check_slow(rows: list, dev: torch.device, small: bool) -> None:
+        """A compile that never ends."""
         time.sleep(30)
 
     def quick(rows: list, dev: torch.device, small: bool) -> None:
@@ -71,10 +76,14 @@ def test_a_check_past_its_time_limit_is_recorded_and_the_next_runs() -> None:
     rows: list = []
     args = argparse.Namespace(check_seconds=1, small=True)
     started = time.perf_counter()
-    for check in (slow, quick):
+    for check in (check_slow, quick):
         gpu_check._run_bounded(check, rows, torch.device("cpu"), args)
     assert time.perf_counter() - started < 10
     assert rows == [
-        {"check": "slow", "ok": False, "error": "did not finish within 1 s"},
+        {
+            "check": "slow: A compile that never ends.",
+            "ok": False,
+            "error": "did not finish within 1 s",
+        },  # named like a finished check's row
         {"check": "quick", "ok": True},
     ]

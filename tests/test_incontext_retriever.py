@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -625,8 +626,12 @@ def test_convert_kv_layout_copies_and_resumes(
         assert _ranked(new, q) == ranked
     fresh = make(tiny_llama, tmp_path / "fresh")
     assert new.fingerprint == fresh.fingerprint != old.fingerprint
-    with pytest.raises(InvalidInputError, match="another path"):
+    with pytest.raises(InvalidInputError, match="path outside"):
         old.convert_kv_layout(tmp_path / "old" / "idx")
+    with pytest.raises(InvalidInputError, match="path outside"):  # inside the source
+        old.convert_kv_layout(tmp_path / "old" / "idx" / "copy")
+    with pytest.raises(InvalidInputError, match="already in the 'token'"):
+        old.convert_kv_layout(tmp_path / "y", kv_layout="token")
     with pytest.raises(InvalidInputError, match="kv_layout"):
         old.convert_kv_layout(tmp_path / "x", kv_layout="rows")
     with pytest.raises(ModelMismatchError):  # a layer store is not opened as a token store
@@ -634,33 +639,46 @@ def test_convert_kv_layout_copies_and_resumes(
 
 
 def test_convert_command_line(tiny_llama: str, tmp_path: Path, capsys) -> None:
-    """`intrinsic-retrieval convert` copies a token-layout store into the layer layout (same
-    ids and scores) and refuses a store without K/V in one typed line."""
+    """`intrinsic-retrieval convert` copies a token-layout store into the layer layout and back
+    (same ids and scores), resumes when rerun, and refuses in one typed line, before any model
+    loads: a store of another retriever, a missing store, the layout the store already has,
+    and a destination that is the source or inside it."""
     from intrinsic_retrieval.cli import main
 
     old = make(tiny_llama, tmp_path / "old", kv_layout="token")
     old.add(DOCS)
     want = {q: _ranked(old, q) for q in ("fox dog", "blood risk")}
     old.close()
-    src, dest = tmp_path / "old" / "idx", tmp_path / "new"
+    src, dest, back = tmp_path / "old" / "idx", tmp_path / "new", tmp_path / "back"
     assert main(["convert", "--store", str(src), "--out", str(dest)]) == 0
-    assert "kv_layout=layer" in capsys.readouterr().out
-    new = InContextRetriever.load(dest, show_progress=False)
-    assert new.kv_layout == "layer"
-    for q, ranked in want.items():
-        assert _ranked(new, q) == ranked
-    new.close()
+    assert "4 chunks, kv_layout=layer" in capsys.readouterr().out
+    assert main(["convert", "--store", str(src), "--out", str(dest)]) == 0  # nothing left to do
+    assert "4 chunks, kv_layout=layer" in capsys.readouterr().out
+    assert main(["convert", "--store", str(dest), "--out", str(back), "--kv-layout", "token"]) == 0
+    for path, layout in ((dest, "layer"), (back, "token")):
+        r = InContextRetriever.load(path, show_progress=False)
+        assert r.kv_layout == layout and len(r.store) == 4
+        for q, ranked in want.items():
+            assert _ranked(r, q) == ranked
+        r.close()
+    capsys.readouterr()
     bm25 = tmp_path / "bm25"
     assert main(["index", str(_jsonl(tmp_path)), "--store", str(bm25)]) == 0
     capsys.readouterr()
-    assert main(["convert", "--store", str(bm25), "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "InvalidInputError" in err and "K/V layout" in err
+    refused = {
+        "K/V layout to convert (bm25)": ["--store", str(bm25), "--out", str(tmp_path / "x")],
+        "StoreNotFoundError": ["--store", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+        "already in the 'layer'": ["--store", str(dest), "--out", str(tmp_path / "x")],
+        "path outside": ["--store", str(src), "--out", str(src / "inside")],
+    }
+    for expected, argv in refused.items():
+        assert main(["convert", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "x").exists() and not (src / "inside").exists()
 
 
 def _jsonl(tmp_path: Path) -> Path:
-    import json
-
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"_id": d["id"], "text": d["text"]}) + "\n" for d in DOCS))
     return path

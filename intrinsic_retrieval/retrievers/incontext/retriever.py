@@ -39,6 +39,7 @@ from .codes import FORMAT_VERSION, NULL_QUERY, PromptFormat, assign_codes
 from .kv import (
     KV_LAYOUTS,
     StoreKV,
+    check_conversion,
     kv_tensor_names,
     read_blocks,
     split_layers,
@@ -614,10 +615,8 @@ class InContextRetriever(StoreRetriever):
         LoRA, cached generated queries) are copied. Interrupted, it resumes: run it again with
         the same `path` and the rows already there (by chunk id) are skipped, so the source
         should not change between the two runs."""
-        check_choice("kv_layout", kv_layout, KV_LAYOUTS)
         dest = Path(path)
-        if dest.resolve() == self.store.path.resolve():
-            raise InvalidInputError("convert_kv_layout writes a new index: give another path")
+        check_conversion(self.store.path, dest, self.kv_layout, kv_layout)
         init = {**self.init_args(), "kv_layout": kv_layout, "show_progress": self.show_progress}
         out = type(self)(**init, path=str(dest))  # loads the model: the recipe checks need it
         live = self.store.live_rows().tolist()
