@@ -17,6 +17,7 @@ from intrinsic_retrieval.errors import (
     ModelMismatchError,
 )
 from intrinsic_retrieval.retrievers.incontext import InContextRetriever
+from intrinsic_retrieval.retrievers.incontext.codes import NULL_QUERY
 from intrinsic_retrieval.retrievers.incontext.kv import read_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -682,3 +683,32 @@ def _jsonl(tmp_path: Path) -> Path:
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"_id": d["id"], "text": d["text"]}) + "\n" for d in DOCS))
     return path
+
+
+def test_content_free_pass_is_cached_across_using_blocks(tiny_llama: str, tmp_path: Path) -> None:
+    """The calibration's content-free pass costs as much as a query: a ``using(...)`` block
+    gets its own cached pass and leaves the default one, so the search after it does not pay it
+    again (it did: any option change cleared the cache). Adding documents still clears it."""
+    r = make(tiny_llama, tmp_path)
+    r.add(DOCS)
+    null_ids = r._query_ids(NULL_QUERY)[0]
+    calls = []
+    real_pass = r._pass
+
+    def counting_pass(ids, *args, **kw):
+        whole = not kw.get("start_layer")  # routed searches resume it over their own set
+        calls.append(whole and ids.shape == null_ids.shape and bool((ids == null_ids).all()))
+        return real_pass(ids, *args, **kw)
+
+    r._pass = counting_pass
+    first = _ranked(r, "fox dog")
+    assert calls.count(True) == 1
+    with r.using(route_layer=0, route_top=2):
+        r.search("fox dog", k=2)
+        r.search("blood risk", k=2)
+    assert calls.count(True) == 2  # one for the routed options, reused by its second search
+    assert _ranked(r, "fox dog") == first
+    assert calls.count(True) == 2  # the default options' pass was kept
+    r.add([{"id": "e", "text": "a new document about foxes"}])
+    r.search("fox dog", k=2)
+    assert calls.count(True) == 3  # new documents: computed again

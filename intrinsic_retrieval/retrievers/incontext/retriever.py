@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ QUERY_LORA_FORMAT = "intrinsic-retrieval/incontext-query-lora/v1"
 
 SCORINGS = ("readout", "codes")
 KV_STORAGES = ("full", "routing")
+#: content-free passes kept (by documents and options): a first stage's candidate sets, or a
+#: few ``using(...)`` variants, without recomputing one each time
+NULL_CACHE_ENTRIES = 4
 #: what ranks documents at the routing layer (docs/incontext.md, "Routing")
 ROUTE_SCORES = ("maxsim", "mass")
 
@@ -331,7 +335,6 @@ class InContextRetriever(StoreRetriever):
         self.use_query_lora = o.use_query_lora
         self.ssmax = self._resolve_ssmax(o.ssmax, o.ssmax_reference)
         self._block_cache.capacity = int(o.recompute_cache_docs)
-        self._null_cache.clear()
 
     # ------------------------------------------------------------------ hooks
     def _model_chunk_size(self) -> int:
@@ -707,15 +710,23 @@ class InContextRetriever(StoreRetriever):
         )
 
     def _null(self, docs: torch.Tensor) -> QueryResult:
-        """The content-free query's pass over `docs` (cached: it depends on the corpus only)."""
-        key = hashlib.blake2b(docs.numpy().tobytes(), digest_size=16).hexdigest()
-        hit = self._null_cache.get(key)
+        """The content-free query's pass over `docs`, cached by the documents and the search
+        options (it costs as much as a query): a ``using(...)`` block gets its own entry and
+        leaves the others, so searches after it do not pay the pass again. Data and weight
+        changes clear the cache."""
+        options = json.dumps(self.search_options.to_json(), sort_keys=True, default=str)
+        digest = hashlib.blake2b(docs.numpy().tobytes(), digest_size=16)
+        digest.update(options.encode())
+        key = digest.hexdigest()
+        hit = self._null_cache.pop(key, None)
         if hit is None:
             ids, sel = self._query_ids(NULL_QUERY)
             upto = self._depth() if self.route_layer is None else self._routed_from()
             res = self._pass(ids, docs, upto, mass_layers=self.readout_layers, mass_tokens=sel)
             hit = (res, {"sel": sel, "ids": ids})
-            self._null_cache = {key: hit}
+        self._null_cache[key] = hit  # most recently used last
+        while len(self._null_cache) > NULL_CACHE_ENTRIES:
+            del self._null_cache[next(iter(self._null_cache))]
         return hit[0]
 
     def _routed_from(self) -> int:
